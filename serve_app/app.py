@@ -1,0 +1,34 @@
+"""`build_app(args)`: the one Serve `import_path` (`serve_app.app:build_app`), the same for
+`serve run`, `serve deploy`, the Ray cluster launcher and KubeRay's serveConfigV2."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray.serve import Application
+
+from serve_app.config import AppConfig
+from serve_app.ingress import ImageIngress
+from serve_app.server import ModelServer, deployment_options
+
+logger = logging.getLogger("ray.serve")
+
+INGRESS_DEFAULTS: dict[str, Any] = {
+    # CPU only, and light: no torch. Many requests in flight, each mostly waiting on a model.
+    "ray_actor_options": {"num_cpus": 0.25},
+    "max_ongoing_requests": 1000,
+}
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    config = AppConfig.from_args(args)
+    models = config.load_models()
+    handles = {
+        model_id: ModelServer.options(**deployment_options(model)).bind(
+            model, config.storage, config.url_ttl_s, config.public_url
+        )
+        for model_id, model in models.items()
+    }
+    logger.info("ArtServe: models %s, images in %s", sorted(models), config.storage)
+    return ImageIngress.options(**{**INGRESS_DEFAULTS, **config.ingress}).bind(config, models, handles)

@@ -1,0 +1,252 @@
+"""The operator's vocabulary: the app config (serve config `args` + environment) and one
+`ModelConfig` per `models/*.yaml`. Strict: a misspelled key is an error that names it."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SIZE_PATTERN = re.compile(r"^([1-9][0-9]{1,4})x([1-9][0-9]{1,4})$")
+# Pixel dimensions must be a multiple of this, per family: VAE scale (8) x latent patching.
+FAMILY_SIZE_MULTIPLE = {"stable-diffusion": 8, "flux": 16}
+# Qualities a model may leave out, and the preset they then use.
+QUALITY_FALLBACK = {"low": "standard", "medium": "standard", "high": "hd", "auto": "standard"}
+
+
+class ConfigError(ValueError):
+    """An operator mistake in a config file or the environment, found at start."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_size(size: str) -> tuple[int, int] | None:
+    match = SIZE_PATTERN.match(size)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+class SizeRules(Strict):
+    allowed: list[str] = Field(description="Sizes always accepted, listed to clients.")
+    multiple_of: int | None = Field(
+        None, gt=0, description="Also accept any WxH whose sides are multiples of this."
+    )
+    min_side: int = Field(64, gt=0, description="Smallest side for the multiple-of rule.")
+    max_side: int = Field(2048, gt=0, description="Largest side for the multiple-of rule.")
+    max_pixels: int = Field(2048 * 2048, gt=0, description="Largest W*H for that rule.")
+
+    @field_validator("allowed")
+    @classmethod
+    def _sizes_parse(cls, allowed: list[str]) -> list[str]:
+        for size in allowed:
+            if parse_size(size) is None:
+                raise ValueError(f"size {size!r} is not WIDTHxHEIGHT")
+        return allowed
+
+    def accepts(self, width: int, height: int) -> bool:
+        if f"{width}x{height}" in self.allowed:
+            return True
+        if self.multiple_of is None:
+            return False
+        return (
+            width % self.multiple_of == 0
+            and height % self.multiple_of == 0
+            and self.min_side <= min(width, height)
+            and max(width, height) <= self.max_side
+            and width * height <= self.max_pixels
+        )
+
+    def describe(self) -> str:
+        text = ", ".join(self.allowed)
+        if self.multiple_of:
+            text += (
+                f", or any WIDTHxHEIGHT with sides multiples of {self.multiple_of} between "
+                f"{self.min_side} and {self.max_side} and at most {self.max_pixels} pixels"
+            )
+        return text
+
+    def rule(self) -> str | None:
+        return self.describe().partition(", or ")[2] or None
+
+
+class QualityPreset(Strict):
+    num_inference_steps: int = Field(gt=0, description="Denoising steps.")
+    guidance_scale: float = Field(ge=0, description="Guidance scale.")
+
+
+class StylePreset(Strict):
+    prompt_template: str = Field("{prompt}", description="Must contain {prompt}.")
+    guidance_scale_multiplier: float = Field(1.0, gt=0, description="Scales the guidance.")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_prompt(cls, template: str) -> str:
+        if "{prompt}" not in template:
+            raise ValueError("prompt_template must contain {prompt}")
+        return template
+
+
+class Limits(Strict):
+    max_inference_steps: int = Field(100, gt=0, description="Cap on num_inference_steps.")
+    min_guidance_scale: float = Field(0.0, ge=0, description="Floor on guidance_scale.")
+    max_guidance_scale: float = Field(30.0, ge=0, description="Cap on guidance_scale.")
+
+
+class Batching(Strict):
+    max_batch_size: int = Field(4, gt=0, description="Images per pipeline call, at most.")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="Wait to fill a batch.")
+
+
+class EngineOptions(Strict):
+    num_threads: int | None = Field(None, gt=0, description="torch CPU threads (CPU only).")
+
+
+def _serve_deployment_keys() -> set[str]:
+    from ray import serve
+
+    return set(inspect.signature(serve.deployment).parameters) - {"_func_or_class", "name"}
+
+
+class ModelConfig(Strict):
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Model id in requests.")
+    description: str = Field("", description="One line for operators.")
+    owned_by: str = Field("artserve", description="Shown in /v1/models.")
+    source: str = Field(
+        description="Hub repo id, local directory, gs://bucket/path, or tiny:NAME (built locally)."
+    )
+    revision: str | None = Field(None, description="Hub revision (commit) to pin.")
+    family: Literal["stable-diffusion", "flux"] = Field(description="Pipeline family.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weights.")
+    max_prompt_chars: int = Field(4000, gt=0, description="Longest accepted prompt.")
+    sizes: SizeRules
+    default_size: str = Field(description='Used for "auto" and when no size is given.')
+    default_output_format: Literal["png", "jpeg", "webp"] = "webp"
+    supports_negative_prompt: bool = Field(description="Whether negative_prompt is honoured.")
+    default_negative_prompt: str = Field("", description="Used when the request has none.")
+    limits: Limits = Limits()
+    quality: dict[Literal["standard", "hd", "low", "medium", "high", "auto"], QualityPreset]
+    style: dict[Literal["vivid", "natural"], StylePreset]
+    batching: Batching = Batching()
+    engine: EngineOptions = EngineOptions()
+    deployment: dict[str, Any] = Field(
+        default_factory=dict, description="Ray Serve deployment options, over the defaults."
+    )
+    created: int = Field(0, description="Set from the file's mtime when loaded.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        multiple = FAMILY_SIZE_MULTIPLE[self.family]
+        for size in [*self.sizes.allowed, self.default_size]:
+            dims = parse_size(size)
+            if dims is None or dims[0] % multiple or dims[1] % multiple:
+                raise ValueError(f"size {size!r}: {self.family} needs sides multiple of {multiple}")
+        if self.sizes.multiple_of and self.sizes.multiple_of % multiple:
+            raise ValueError(f"sizes.multiple_of must be a multiple of {multiple}")
+        width, height = parse_size(self.default_size)  # type: ignore[misc]
+        if not self.sizes.accepts(width, height):
+            raise ValueError(f"default_size {self.default_size} is not an accepted size")
+        missing = {"standard", "hd"} - set(self.quality)
+        if missing:
+            raise ValueError(f"quality presets missing: {sorted(missing)}")
+        if set(self.style) != {"vivid", "natural"}:
+            raise ValueError("style presets must define exactly vivid and natural")
+        unknown = set(self.deployment) - _serve_deployment_keys()
+        if unknown:
+            raise ValueError(f"unknown Serve deployment option(s): {sorted(unknown)}")
+        return self
+
+    def quality_preset(self, quality: str) -> QualityPreset:
+        return self.quality.get(quality) or self.quality[QUALITY_FALLBACK[quality]]  # type: ignore[index]
+
+
+def load_model_config(path: Path) -> ModelConfig:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read model config: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a model config must be a YAML mapping")
+    data.setdefault("created", int(path.stat().st_mtime))
+    try:
+        return ModelConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_explain(exc)}") from None
+
+
+def _explain(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False):
+        where = ".".join(str(p) for p in error["loc"]) or "(file)"
+        what = "unknown key (misspelled?)" if error["type"] == "extra_forbidden" else error["msg"]
+        parts.append(f"{where}: {what}")
+    return "; ".join(parts)
+
+
+class AppConfig(Strict):
+    """`args` of the serve config; environment variables override the matching fields."""
+
+    models: list[str] = Field(min_length=1, description="Model ids to serve (models_dir/ID.yaml).")
+    models_dir: str = Field("models", description="Directory of model YAML files.")
+    storage: str = Field(
+        str(Path.home() / ".cache" / "artserve" / "images"),
+        description="Local directory, or gs://bucket/prefix. Env: ARTSERVE_STORAGE.",
+    )
+    url_ttl_s: int = Field(86400, gt=0, description="Image link lifetime. Env: ARTSERVE_URL_TTL_S.")
+    public_url: str | None = Field(
+        None, description="Base URL in local links; default: the request's. Env: ARTSERVE_PUBLIC_URL."
+    )
+    request_timeout_s: float = Field(600, gt=0, description="Ingress wait for one generation.")
+    ingress: dict[str, Any] = Field(default_factory=dict, description="Ingress deployment options.")
+
+    @field_validator("ingress")
+    @classmethod
+    def _known_ingress_keys(cls, options: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(options) - _serve_deployment_keys()
+        if unknown:
+            raise ValueError(f"unknown Serve deployment option(s): {sorted(unknown)}")
+        return options
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any], env: dict[str, str] | None = None) -> AppConfig:
+        env = os.environ if env is None else env
+        merged = dict(args)
+        for field, var in [("storage", "ARTSERVE_STORAGE"), ("url_ttl_s", "ARTSERVE_URL_TTL_S"),
+                           ("public_url", "ARTSERVE_PUBLIC_URL")]:
+            if env.get(var):
+                merged[field] = env[var]
+        if isinstance(merged.get("url_ttl_s"), str):
+            if not merged["url_ttl_s"].isdigit():
+                raise ConfigError(f"ARTSERVE_URL_TTL_S must be whole seconds, got {merged['url_ttl_s']!r}")
+            merged["url_ttl_s"] = int(merged["url_ttl_s"])
+        try:
+            config = cls.model_validate(merged)
+        except ValidationError as exc:
+            raise ConfigError(f"app config: {_explain(exc)}") from None
+        if not config.storage.startswith("gs://"):
+            config = config.model_copy(update={"storage": str(Path(config.storage).expanduser().resolve())})
+        return config
+
+    def models_path(self) -> Path:
+        path = Path(self.models_dir).expanduser()
+        if not path.is_absolute() and not path.exists():
+            path = PROJECT_ROOT / path
+        return path.resolve()
+
+    def load_models(self) -> dict[str, ModelConfig]:
+        configs = {}
+        for model_id in self.models:
+            path = self.models_path() / f"{model_id}.yaml"
+            if not path.exists():
+                raise ConfigError(f"model {model_id!r}: no file {path}")
+            config = load_model_config(path)
+            if config.id != model_id:
+                raise ConfigError(f"{path}: id {config.id!r} does not match the file name")
+            configs[model_id] = config
+        return configs

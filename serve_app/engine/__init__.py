@@ -1,0 +1,1 @@
+"""Everything that imports torch or diffusers lives in this package."""

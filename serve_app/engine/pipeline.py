@@ -1,0 +1,76 @@
+"""Load a diffusers pipeline once and run batched generation for one `PipelineCall`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+from serve_app.config import ModelConfig
+from serve_app.engine.weights import resolve_source
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class PipelineInputs:
+    """One pipeline call: shared shape settings, and per-image prompt and seed."""
+
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    prompts: list[str]
+    negative_prompts: list[str | None]
+    seeds: list[int]
+
+
+class DiffusersEngine:
+    def __init__(self, model: ModelConfig):
+        self.model = model
+        if model.engine.num_threads:
+            torch.set_num_threads(model.engine.num_threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = DTYPES[model.dtype] if self.device == "cuda" else torch.float32
+        if dtype != DTYPES[model.dtype]:
+            logger.warning("model %s: %s needs a GPU; running float32 on CPU", model.id, model.dtype)
+        source = resolve_source(model)
+        logger.info("model %s: loading %s (%s) on %s", model.id, model.source, dtype, self.device)
+        self.pipeline = DiffusionPipeline.from_pretrained(
+            source, torch_dtype=dtype, revision=model.revision
+        ).to(self.device)
+        self.pipeline.set_progress_bar_config(disable=True)
+
+    def generate(self, inputs: PipelineInputs) -> list[Image.Image]:
+        # One generator per image: its noise depends on its own seed only, whatever else
+        # shares the call, so a seed reproduces the same image in any batch.
+        generators = [torch.Generator(self.device).manual_seed(seed) for seed in inputs.seeds]
+        kwargs = dict(
+            prompt=inputs.prompts,
+            width=inputs.width,
+            height=inputs.height,
+            num_inference_steps=inputs.num_inference_steps,
+            guidance_scale=inputs.guidance_scale,
+            generator=generators,
+            output_type="pil",
+        )
+        kwargs.update(self._family_kwargs(inputs))
+        with torch.inference_mode():
+            return self.pipeline(**kwargs).images
+
+    def _family_kwargs(self, inputs: PipelineInputs) -> dict:
+        if self.model.family == "stable-diffusion":
+            if any(inputs.negative_prompts):
+                return {"negative_prompt": [n or "" for n in inputs.negative_prompts]}
+            return {}
+        if self.model.family == "flux":
+            # FLUX is guidance-distilled: guidance_scale is an input, not CFG; the T5 prompt
+            # is capped by its tokenizer (512 on FLUX.1-dev, 256 on schnell).
+            limit = getattr(self.pipeline.tokenizer_2, "model_max_length", 512)
+            return {"max_sequence_length": min(512, limit)}
+        raise ValueError(f"unknown family {self.model.family}")

@@ -1,0 +1,203 @@
+"""`ImageIngress`: the one HTTP entry point. Parses and validates (protocol.py), checks the
+API key, resolves presets (presets.py) and hands a `GenerationJob` to the model's
+`ModelServer`. No torch here: the ingress stays light and never becomes the bottleneck."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve_app.auth import ApiKeys
+from serve_app.config import AppConfig, ModelConfig
+from serve_app.errors import (
+    ArtServeError,
+    GenerationError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    ModelNotFoundError,
+    NotFoundError,
+    RateLimitError,
+    ServiceUnavailableError,
+)
+from serve_app.job import ImageResult
+from serve_app.presets import resolve_job
+from serve_app.protocol import ImageData, ImagesResponse, ModelCard, ModelList, parse_generate_request
+from serve_app.storage import CONTENT_TYPES
+from serve_app.storage.local import ROUTE_PREFIX, LocalImageStore
+
+logger = logging.getLogger("ray.serve")
+RETRY_AFTER_S = 2
+
+
+def error_response(error: ArtServeError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
+
+
+def _serve_request_id() -> str:
+    from ray.serve.context import _get_serve_request_context
+
+    return _get_serve_request_context().request_id
+
+
+def _from_replica(exc: BaseException) -> ArtServeError:
+    """Map what a `ModelServer` call raised to the error the client sees."""
+    cause = getattr(exc, "cause", exc)  # Ray wraps replica exceptions in RayTaskError
+    if isinstance(cause, ArtServeError):
+        return cause
+    if isinstance(exc, BackPressureError):
+        return RateLimitError(
+            "The model is at capacity; retry shortly.",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    if isinstance(exc, DeploymentUnavailableError):
+        return ServiceUnavailableError("The model is not available right now; try again later.")
+    logger.error("model call failed: %r", exc)
+    return GenerationError("Image generation failed.")
+
+
+@serve.deployment
+@serve.ingress()
+class ImageIngress:
+    def __init__(
+        self,
+        config: AppConfig,
+        models: dict[str, ModelConfig],
+        handles: dict[str, DeploymentHandle],
+    ):
+        self.config = config
+        self.models = models
+        self.handles = handles
+        self.keys = ApiKeys.from_env()
+        if not self.keys:
+            logger.warning("no API keys configured (ARTSERVE_API_KEYS): the API is open to anyone")
+        self.local_store = (
+            None
+            if config.storage.startswith("gs://")
+            else LocalImageStore(config.storage, url_ttl_s=config.url_ttl_s, public_url=config.public_url)
+        )
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_api(self)
+
+    async def generate(self, body: Any, request_id: str, base_url: str) -> dict[str, Any]:
+        request = parse_generate_request(body)
+        model = self.models.get(request.model)
+        if model is None:
+            raise ModelNotFoundError(request.model)
+        job = resolve_job(request, model, request_id=request_id, base_url=base_url)
+        logger.info(
+            "request %s: model=%s n=%d size=%dx%d steps=%d user=%s",
+            request_id, model.id, job.n, job.width, job.height, job.num_inference_steps, request.user,
+        )
+        response = self.handles[model.id].generate.remote(job)
+        try:
+            results: list[ImageResult] = await asyncio.wait_for(response, self.config.request_timeout_s)
+        except TimeoutError:
+            response.cancel()
+            raise ServiceUnavailableError("Image generation timed out; try again later.") from None
+        except Exception as exc:
+            raise _from_replica(exc) from None
+        return ImagesResponse(
+            created=int(time.time()),
+            data=[
+                ImageData(url=r.url, b64_json=r.b64_json, revised_prompt=job.prompt, seed=r.seed)
+                for r in results
+            ],
+            size=f"{job.width}x{job.height}",
+            quality=request.quality or "standard",
+            output_format=job.output_format,  # type: ignore[arg-type]
+        ).model_dump(exclude_none=True)
+
+    def model_card(self, model: ModelConfig) -> ModelCard:
+        return ModelCard(
+            id=model.id,
+            created=model.created,
+            owned_by=model.owned_by,
+            family=model.family,
+            sizes=model.sizes.allowed,
+            size_rule=model.sizes.rule(),
+            default_size=model.default_size,
+            default_output_format=model.default_output_format,
+            max_prompt_chars=model.max_prompt_chars,
+            supports_negative_prompt=model.supports_negative_prompt,
+        )
+
+
+def create_api(ingress: ImageIngress) -> FastAPI:
+    api = FastAPI(title="ArtServe", version="0.1.0", docs_url=None, redoc_url=None)
+
+    def authorize(request: Request) -> None:
+        ingress.keys.check(request.headers.get("authorization"))
+
+    @api.middleware("http")
+    async def request_context(request: Request, call_next):
+        # Serve's proxy takes `x-request-id` from the request (or makes one), returns it on
+        # every response and tags its own log lines with it; we reuse the same id.
+        request.state.request_id = _serve_request_id() or f"req_{secrets.token_hex(12)}"
+        try:
+            return await call_next(request)
+        except Exception:  # the last line of defence: never a bare 500 or a stack trace
+            logger.exception("request %s: unhandled error", request.state.request_id)
+            return error_response(GenerationError("The server had an error processing your request."))
+
+    @api.exception_handler(ArtServeError)
+    async def _typed(request: Request, exc: ArtServeError) -> JSONResponse:
+        if exc.status_code >= 500:
+            logger.error("request %s: %s %s", request.state.request_id, exc.status_code, exc.message)
+        return error_response(exc)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _routing(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        where = f"{request.method} {request.url.path}"
+        if exc.status_code == 405:
+            return error_response(MethodNotAllowedError(f"Method not allowed: {where}."))
+        return error_response(NotFoundError(f"Unknown request URL: {where}."))
+
+    @api.post("/v1/images/generations", dependencies=[Depends(authorize)])
+    async def images_generations(request: Request) -> JSONResponse:
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidRequestError(
+                "We could not parse the JSON body of your request.", code="invalid_json"
+            ) from None
+        base_url = str(request.base_url)
+        return JSONResponse(await ingress.generate(body, request.state.request_id, base_url))
+
+    @api.get("/v1/models", dependencies=[Depends(authorize)])
+    async def list_models() -> JSONResponse:
+        cards = [ingress.model_card(m) for m in ingress.models.values()]
+        return JSONResponse(ModelList(data=cards).model_dump(exclude_none=True))
+
+    @api.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)])
+    async def get_model(model_id: str) -> JSONResponse:
+        model = ingress.models.get(model_id)
+        if model is None:
+            raise ModelNotFoundError(model_id)
+        return JSONResponse(ingress.model_card(model).model_dump(exclude_none=True))
+
+    # Signed links carry their own credential: no API key, so a plain GET works.
+    @api.get(ROUTE_PREFIX + "{key:path}")
+    async def image_file(key: str, expires: str | None = None, signature: str | None = None):
+        if ingress.local_store is None:
+            raise NotFoundError("Images are not served from this host.")
+        path = ingress.local_store.open_signed(key, expires, signature)
+        remaining_s = max(0, int(expires) - int(time.time()))  # type: ignore[arg-type]
+        return FileResponse(
+            path,
+            media_type=CONTENT_TYPES[path.suffix.lstrip(".")],
+            headers={"Cache-Control": f"private, max-age={remaining_s}"},
+        )
+
+    return api

@@ -1,0 +1,34 @@
+"""What the ingress sends a model replica, and what comes back. Plain data: no Ray, no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """One client request, fully resolved: presets applied, defaults filled, sizes checked."""
+
+    request_id: str
+    prompt: str  # after the style template: what the pipeline is given
+    negative_prompt: str | None
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    seeds: tuple[int, ...]  # one per image: len(seeds) == n
+    output_format: str
+    output_compression: int
+    response_format: str  # "url" or "b64_json"
+    base_url: str  # where local links point when no public URL is configured
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    seed: int
+    url: str | None = None
+    b64_json: str | None = None

@@ -1,0 +1,92 @@
+"""Turn an OpenAI request into a `GenerationJob` for one model: defaults, size rules, the
+quality/style presets and the extension bounds. Pure; the ingress calls it before any GPU
+work, so every client mistake is a 400 here."""
+
+from __future__ import annotations
+
+import secrets
+
+from serve_app.config import ModelConfig, parse_size
+from serve_app.errors import InvalidRequestError
+from serve_app.job import GenerationJob
+from serve_app.protocol import MAX_SEED, ImageGenerateRequest
+
+
+def resolve_size(request: ImageGenerateRequest, model: ModelConfig) -> tuple[int, int]:
+    size = "auto" if request.size is None else request.size
+    dims = parse_size(model.default_size if size == "auto" else size)
+    if dims is None or not model.sizes.accepts(*dims):
+        raise InvalidRequestError(
+            f"Invalid size '{size}' for model '{model.id}'. Accepted sizes: "
+            f"auto, {model.sizes.describe()}.",
+            param="size",
+        )
+    return dims
+
+
+def resolve_job(
+    request: ImageGenerateRequest, model: ModelConfig, *, request_id: str, base_url: str
+) -> GenerationJob:
+    if len(request.prompt) > model.max_prompt_chars:
+        raise InvalidRequestError(
+            f"The prompt is {len(request.prompt)} characters; model '{model.id}' accepts at "
+            f"most {model.max_prompt_chars}.",
+            param="prompt",
+            code="string_above_max_length",
+        )
+    if request.background == "transparent":
+        raise InvalidRequestError(
+            f"Model '{model.id}' cannot generate a transparent background; use 'opaque' or 'auto'.",
+            param="background",
+        )
+    if request.negative_prompt is not None and not model.supports_negative_prompt:
+        raise InvalidRequestError(
+            f"Model '{model.id}' ({model.family}) does not use a negative prompt.",
+            param="negative_prompt",
+        )
+    width, height = resolve_size(request, model)
+    quality = model.quality_preset(request.quality or "standard")
+    style = model.style[request.style or "vivid"]
+    limits = model.limits
+
+    steps = request.num_inference_steps or quality.num_inference_steps
+    if steps > limits.max_inference_steps:
+        raise InvalidRequestError(
+            f"num_inference_steps must be at most {limits.max_inference_steps} for model "
+            f"'{model.id}'.",
+            param="num_inference_steps",
+        )
+    if request.guidance_scale is not None:
+        guidance = request.guidance_scale
+        if not limits.min_guidance_scale <= guidance <= limits.max_guidance_scale:
+            raise InvalidRequestError(
+                f"guidance_scale must be between {limits.min_guidance_scale} and "
+                f"{limits.max_guidance_scale} for model '{model.id}'.",
+                param="guidance_scale",
+            )
+    else:
+        guidance = quality.guidance_scale * style.guidance_scale_multiplier
+
+    n = request.n or 1
+    seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+    if seed + n > MAX_SEED:
+        raise InvalidRequestError("seed + n must stay below 2^63.", param="seed")
+
+    output_format = request.output_format or model.default_output_format
+    negative = request.negative_prompt
+    if negative is None and model.supports_negative_prompt:
+        negative = model.default_negative_prompt or None
+    return GenerationJob(
+        request_id=request_id,
+        prompt=style.prompt_template.replace("{prompt}", request.prompt),
+        negative_prompt=negative,
+        width=width,
+        height=height,
+        num_inference_steps=steps,
+        guidance_scale=round(guidance, 4),
+        seeds=tuple(range(seed, seed + n)),
+        output_format=output_format,
+        output_compression=100 if request.output_compression is None else request.output_compression,
+        response_format=request.response_format or "url",
+        base_url=base_url,
+    )

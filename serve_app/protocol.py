@@ -1,0 +1,131 @@
+"""The wire: OpenAI Images/Models request and response types, and nothing else.
+
+Field names are OpenAI's. Types are strict (`n: "2"` is an error, as with OpenAI), and every
+validation failure becomes a 400 naming the field, never FastAPI's 422.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from serve_app.errors import InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+Quality = Literal["standard", "hd", "low", "medium", "high", "auto"]
+Style = Literal["vivid", "natural"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+ResponseFormat = Literal["url", "b64_json"]
+
+MAX_SEED = 2**63
+
+
+class ImageGenerateRequest(BaseModel):
+    """`POST /v1/images/generations`. `None` (JSON null) means "use the default", as in the
+    OpenAI SDK; defaults that depend on the model are resolved by the ingress."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str = Field(min_length=1, description="A configured model id.")
+    prompt: str = Field(description="What to draw; the model caps its length.")
+    n: int | None = Field(None, ge=1, le=10, description="Number of images, 1-10.")
+    size: str | None = Field(None, description='"WIDTHxHEIGHT" or "auto".')
+    quality: Quality | None = Field(None, description="Maps to a per-model preset.")
+    response_format: ResponseFormat | None = Field(None, description="url or b64_json.")
+    style: Style | None = Field(None, description="Maps to a per-model preset.")
+    output_format: OutputFormat | None = Field(None, description="Image encoding.")
+    output_compression: int | None = Field(
+        None, ge=0, le=100, description="Quality 0-100 for jpeg/webp; 100 is lossless webp."
+    )
+    user: str | None = Field(None, description="End-user id, logged only.")
+    background: Literal["transparent", "opaque", "auto"] | None = Field(
+        None, description="Accepted; `transparent` only where the model can honour it."
+    )
+    moderation: Literal["low", "auto"] | None = Field(None, description="Accepted, logged.")
+    stream: bool | None = Field(None, description="Streaming is not offered: true is a 400.")
+    # ArtServe extensions, sent by the SDKs through `extra_body`.
+    seed: int | None = Field(
+        None, ge=0, lt=MAX_SEED, description="Seed of the first image; image i uses seed+i."
+    )
+    negative_prompt: str | None = Field(None, description="What to steer away from.")
+    num_inference_steps: int | None = Field(None, ge=1, description="Denoising steps.")
+    guidance_scale: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="Classifier-free/distilled guidance."
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("the prompt must not be empty")
+        return prompt
+
+    @field_validator("stream")
+    @classmethod
+    def _no_streaming(cls, stream: bool | None) -> bool | None:
+        if stream:
+            raise ValueError("streaming is not supported; omit `stream` or set it to false")
+        return stream
+
+
+def parse_generate_request(body: Any) -> ImageGenerateRequest:
+    """Validate a decoded JSON body; the first problem becomes a 400 naming its field."""
+    if not isinstance(body, dict):
+        raise InvalidRequestError("The request body must be a JSON object.", param=None)
+    try:
+        request = ImageGenerateRequest.model_validate(body)
+    except ValidationError as exc:
+        raise _first_error(exc) from None
+    unknown = sorted(set(body) - set(ImageGenerateRequest.model_fields))
+    if unknown:
+        logger.debug("ignoring unknown request fields: %s", unknown)
+    return request
+
+
+def _first_error(exc: ValidationError) -> InvalidRequestError:
+    error = exc.errors(include_url=False, include_input=False)[0]
+    param = str(error["loc"][0]) if error["loc"] else None
+    if error["type"] == "missing":
+        return InvalidRequestError(
+            f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+        )
+    message = error["msg"].removeprefix("Value error, ")
+    return InvalidRequestError(f"Invalid value for '{param}': {message}.", param=param)
+
+
+class ImageData(BaseModel):
+    url: str | None = Field(None, description="Signed, expiring link (url mode).")
+    b64_json: str | None = Field(None, description="The encoded image (b64_json mode).")
+    revised_prompt: str = Field(description="The prompt exactly as given to the model.")
+    seed: int = Field(description="The seed that produced this image.")
+
+
+class ImagesResponse(BaseModel):
+    created: int = Field(description="Unix seconds.")
+    data: list[ImageData] = Field(description="Exactly n images, in order.")
+    size: str = Field(description="WIDTHxHEIGHT actually generated.")
+    quality: Quality = Field(description="The quality preset used.")
+    output_format: OutputFormat = Field(description="Encoding of every image.")
+    background: Literal["opaque"] = Field("opaque", description="Generated background.")
+
+
+class ModelCard(BaseModel):
+    id: str = Field(description="The model id used in requests.")
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix seconds of the model file's last change.")
+    owned_by: str = Field(description="Who publishes the weights.")
+    family: str = Field(description="Pipeline family, e.g. stable-diffusion or flux.")
+    sizes: list[str] = Field(description="Sizes listed as accepted.")
+    size_rule: str | None = Field(None, description="Any other accepted WIDTHxHEIGHT.")
+    default_size: str = Field(description='What "auto" and no size mean.')
+    default_output_format: OutputFormat = Field(description="Encoding when none is asked.")
+    max_prompt_chars: int = Field(description="Longest accepted prompt.")
+    supports_negative_prompt: bool = Field(description="Whether negative_prompt is honoured.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

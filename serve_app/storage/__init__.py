@@ -1,0 +1,29 @@
+"""Where images go: `ImageStore.put` stores one encoded image and returns its link."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Protocol
+
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+class ImageStore(Protocol):
+    def put(self, data: bytes, output_format: str, base_url: str) -> str:
+        """Store the image; return a link a plain GET can fetch until it expires."""
+        ...
+
+
+def new_object_key(output_format: str, now_s: float | None = None) -> str:
+    """`YYYY/MM/DD/<128 random bits>.<ext>`: unguessable, and easy to expire by prefix."""
+    day = time.strftime("%Y/%m/%d", time.gmtime(now_s))
+    return f"{day}/{secrets.token_hex(16)}.{output_format}"
+
+
+def open_store(storage: str, url_ttl_s: int, public_url: str | None) -> ImageStore:
+    if storage.startswith("gs://"):
+        raise NotImplementedError("gs:// storage is not available yet")
+    from serve_app.storage.local import LocalImageStore
+
+    return LocalImageStore(storage, url_ttl_s=url_ttl_s, public_url=public_url)

@@ -1,0 +1,106 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serve_app.config import AppConfig, ConfigError, load_model_config
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
+def _write(tmp_path: Path, data: dict, name: str = "m.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def tiny_sd() -> dict:
+    return yaml.safe_load((MODELS / "tiny-sd.yaml").read_text())
+
+
+@pytest.mark.parametrize("path", sorted(MODELS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_model_file_loads(path):
+    config = load_model_config(path)
+    assert config.id == path.stem
+    assert {"256x256", "512x512", "1024x1024", "1792x1024", "1024x1792"} <= set(config.sizes.allowed)
+
+
+def test_typo_in_a_key_names_the_file_and_key(tmp_path, tiny_sd):
+    tiny_sd["batching"]["max_batch_sise"] = tiny_sd["batching"].pop("max_batch_size")
+    path = _write(tmp_path, tiny_sd)
+    with pytest.raises(ConfigError, match=r"m\.yaml: batching\.max_batch_sise: unknown key"):
+        load_model_config(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.update(family="dalle"), "family"),
+        (lambda d: d["sizes"]["allowed"].append("1004x1000"), "multiple of 8"),
+        (lambda d: d.update(default_size="640x480"), "not an accepted size"),
+        (lambda d: d["quality"].pop("hd"), "quality presets missing"),
+        (lambda d: d["style"]["vivid"].update(prompt_template="no placeholder"), "must contain"),
+        (lambda d: d["deployment"].update(autoscailing_config={}), "unknown Serve deployment option"),
+        (lambda d: d.pop("source"), "source"),
+    ],
+)
+def test_inconsistent_model_configs_fail_clearly(tmp_path, tiny_sd, change, message):
+    change(tiny_sd)
+    with pytest.raises(ConfigError, match=message):
+        load_model_config(_write(tmp_path, tiny_sd))
+
+
+def test_not_a_mapping(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_model_config(path)
+
+
+def test_quality_fallbacks(tmp_path, tiny_sd):
+    for name in ["low", "medium", "high", "auto"]:
+        tiny_sd["quality"].pop(name)
+    config = load_model_config(_write(tmp_path, tiny_sd))
+    assert config.quality_preset("high") == config.quality["hd"]
+    assert config.quality_preset("low") == config.quality["standard"]
+
+
+def test_env_overrides_app_args(tmp_path):
+    config = AppConfig.from_args(
+        {"models": ["tiny-sd"], "storage": "/somewhere", "url_ttl_s": 60},
+        env={"ARTSERVE_STORAGE": str(tmp_path), "ARTSERVE_URL_TTL_S": "120"},
+    )
+    assert (config.storage, config.url_ttl_s) == (str(tmp_path), 120)
+    assert set(config.load_models()) == {"tiny-sd"}
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        ({"models": ["tiny-sd"], "modles_dir": "x"}, {}, "modles_dir: unknown key"),
+        ({"models": []}, {}, "models"),
+        ({"models": ["tiny-sd"]}, {"ARTSERVE_URL_TTL_S": "1d"}, "whole seconds"),
+        ({"models": ["tiny-sd"], "ingress": {"max_ongoing_request": 5}}, {}, "unknown Serve"),
+    ],
+)
+def test_bad_app_config(args, env, message):
+    with pytest.raises(ConfigError, match=message):
+        AppConfig.from_args(args, env=env)
+
+
+def test_unknown_model_id_is_a_clear_error():
+    with pytest.raises(ConfigError, match="'nope': no file"):
+        AppConfig.from_args({"models": ["nope"]}, env={}).load_models()
+
+
+def test_dev_serve_config_is_valid_and_builds():
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve_app.app import build_app
+
+    raw = yaml.safe_load((MODELS.parent / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    app = schema.applications[0]
+    assert app.import_path == "serve_app.app:build_app"
+    assert build_app(app.args) is not None

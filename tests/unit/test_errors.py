@@ -1,0 +1,40 @@
+import pickle
+
+import pytest
+
+from serve_app import errors
+
+TABLE = [
+    (errors.InvalidRequestError("bad", param="n"), 400, "invalid_request_error", "invalid_value"),
+    (errors.AuthenticationError("no"), 401, "invalid_request_error", "invalid_api_key"),
+    (errors.PermissionDeniedError("expired"), 403, "invalid_request_error", "invalid_signature"),
+    (errors.ModelNotFoundError("x"), 404, "invalid_request_error", "model_not_found"),
+    (errors.NotFoundError("route"), 404, "invalid_request_error", "not_found"),
+    (errors.RateLimitError("busy"), 429, "rate_limit_error", "rate_limit_exceeded"),
+    (errors.ServiceUnavailableError("down"), 503, "service_unavailable_error", "service_unavailable"),
+    (errors.GenerationError("boom"), 500, "server_error", "server_error"),
+]
+
+
+@pytest.mark.parametrize(("error", "status", "type_", "code"), TABLE)
+def test_error_table(error, status, type_, code):
+    body = error.body()
+    assert error.status_code == status
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert (body["error"]["type"], body["error"]["code"]) == (type_, code)
+
+
+def test_model_not_found_names_the_model_param():
+    body = errors.ModelNotFoundError("flux-pro").body()["error"]
+    assert body["param"] == "model" and "flux-pro" in body["message"]
+
+
+@pytest.mark.parametrize(("error", "status", "type_", "code"), TABLE)
+def test_errors_survive_pickling_across_ray(error, status, type_, code):
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error) and copy.body() == error.body() and copy.headers == error.headers
+
+
+def test_headers_are_kept():
+    error = errors.RateLimitError("busy", headers={"Retry-After": "2"})
+    assert pickle.loads(pickle.dumps(error)).headers == {"Retry-After": "2"}
