@@ -18,7 +18,10 @@ def test_keys_from_env_and_file(tmp_path):
         keys.check(good)
 
 
-@pytest.mark.parametrize("header", [None, "", "Bearer", "Bearer ", "Basic a-key", "a-key", "Bearer a-ke", "Bearer a-key2"])
+BAD_HEADERS = [None, "", "Bearer", "Bearer ", "Basic a-key", "a-key", "Bearer a-ke", "Bearer a-key2"]
+
+
+@pytest.mark.parametrize("header", BAD_HEADERS)
 def test_wrong_or_missing_key(header):
     keys = ApiKeys(["a-key"])
     with pytest.raises(AuthenticationError) as info:

@@ -1,0 +1,89 @@
+"""One real `serve run` of the dev serve config per test session, on a free port, with API
+keys and a temporary image directory; tests talk to it with the official OpenAI SDK."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+API_KEY = "sk-test-artserve"
+SIGNING_KEY = "integration-signing-key"
+STARTUP_TIMEOUT_S = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, base_url: str, storage: Path, log: Path):
+        self.base_url, self.storage, self.log = base_url, storage, log
+
+    def client(self, api_key: str = API_KEY, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=api_key, max_retries=0, timeout=120, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> Server:
+    work = tmp_path_factory.mktemp("serve")
+    port = _free_port()
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["http_options"]["port"] = port
+    config_path = work / "serve_config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    storage = work / "images"
+    env = {
+        **os.environ,
+        "ARTSERVE_API_KEYS": f"{API_KEY},second-key",
+        "ARTSERVE_STORAGE": str(storage),
+        "ARTSERVE_URL_SIGNING_KEY": SIGNING_KEY,
+        "HF_HUB_OFFLINE": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    log = work / "serve.log"
+    serve_bin = Path(sys.executable).with_name("serve")
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [str(serve_bin), "run", str(config_path)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"serve run exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"serve run not ready in {STARTUP_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
+            try:
+                r = httpx.get(f"{base_url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=2)
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        yield Server(base_url, storage, log)
+    finally:
+        os.killpg(process.pid, signal.SIGINT)  # serve run shuts Serve and its Ray down on Ctrl-C
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def client(server) -> openai.OpenAI:
+    return server.client()
