@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import secrets
 import time
 from typing import Any
@@ -56,9 +57,10 @@ def _from_replica(exc: BaseException) -> ArtServeError:
     if isinstance(cause, ArtServeError):
         return cause
     if isinstance(exc, BackPressureError):
+        retry_after_s = getattr(exc, "retry_after_s", None) or RETRY_AFTER_S
         return RateLimitError(
             "The model is at capacity; retry shortly.",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
+            headers={"Retry-After": str(math.ceil(retry_after_s))},
         )
     if isinstance(exc, DeploymentUnavailableError):
         return ServiceUnavailableError("The model is not available right now; try again later.")

@@ -1,0 +1,26 @@
+"""GPU path of the engine: half precision on CUDA. Skipped where there is no CUDA device."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
+@pytest.mark.parametrize("model_id", ["tiny-sd", "tiny-flux"])
+def test_float16_on_cuda_reproduces_per_seed(model_id):
+    from serve_app.config import load_model_config
+    from serve_app.engine.pipeline import DiffusersEngine, PipelineInputs
+
+    config = load_model_config(MODELS / f"{model_id}.yaml").model_copy(update={"dtype": "float16"})
+    engine = DiffusersEngine(config)
+    assert engine.device == "cuda" and engine.pipeline.dtype == torch.float16
+    inputs = PipelineInputs(512, 512, 4, 3.5, ["a fox", "a fox"], [None, None], [1, 2])
+    first, second = engine.generate(inputs), engine.generate(inputs)
+    assert [im.size for im in first] == [(512, 512)] * 2
+    assert np.array_equal(np.asarray(first[0]), np.asarray(second[0]))
+    assert not np.array_equal(np.asarray(first[0]), np.asarray(first[1]))
