@@ -4,7 +4,7 @@ go back to their request in order. No Ray, no torch."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from serve_app.job import GenerationJob
 
@@ -55,3 +55,14 @@ def scatter(jobs: list[GenerationJob], calls: list[PipelineCall], outputs: list[
         for slot, result in zip(call.slots, results, strict=True):
             per_job[slot.job][slot.image] = result
     return per_job
+
+
+def split_job(job: GenerationJob, max_batch_size: int) -> list[GenerationJob]:
+    """A request for more images than one batch holds becomes several batch items (Serve
+    refuses an item bigger than the batch); their results are concatenated in order."""
+    if job.n <= max_batch_size:
+        return [job]
+    return [
+        replace(job, seeds=job.seeds[start : start + max_batch_size])
+        for start in range(0, job.n, max_batch_size)
+    ]

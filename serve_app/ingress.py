@@ -32,13 +32,16 @@ from serve_app.errors import (
     ServiceUnavailableError,
 )
 from serve_app.job import ImageResult
+from serve_app.metrics import IngressMetrics
 from serve_app.presets import resolve_job
 from serve_app.protocol import ImageData, ImagesResponse, ModelCard, ModelList, parse_generate_request
+from serve_app.readiness import ModelReadiness
 from serve_app.storage import CONTENT_TYPES
 from serve_app.storage.local import ROUTE_PREFIX, LocalImageStore
 
 logger = logging.getLogger("ray.serve")
 RETRY_AFTER_S = 2
+NOT_READY_RETRY_AFTER_S = 10
 
 
 def error_response(error: ArtServeError) -> JSONResponse:
@@ -81,6 +84,10 @@ class ImageIngress:
         self.models = models
         self.handles = handles
         self.keys = ApiKeys.from_env()
+        self.metrics = IngressMetrics()
+        self.readiness = ModelReadiness(
+            {m.id for m in models.values() if (m.deployment.get("autoscaling_config") or {}).get("min_replicas") == 0}
+        )
         if not self.keys:
             logger.warning("no API keys configured (ARTSERVE_API_KEYS): the API is open to anyone")
         self.local_store = (
@@ -92,12 +99,25 @@ class ImageIngress:
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self)
 
-    async def generate(self, body: Any, request_id: str, base_url: str) -> dict[str, Any]:
+    async def generate(self, body: Any, request_id: str, base_url: str) -> JSONResponse:
+        model_tag = body.get("model") if isinstance(body, dict) and body.get("model") in self.models else "-"
+        try:
+            response = await self._generate(body, request_id, base_url)
+        except ArtServeError as exc:
+            self.metrics.response(model_tag, exc.status_code)
+            raise
+        self.metrics.response(model_tag, 200)
+        return response
+
+    async def _generate(self, body: Any, request_id: str, base_url: str) -> JSONResponse:
         request = parse_generate_request(body)
         model = self.models.get(request.model)
         if model is None:
             raise ModelNotFoundError(request.model)
         job = resolve_job(request, model, request_id=request_id, base_url=base_url)
+        reason = await self.readiness.not_ready_reason(model.id)
+        if reason:
+            raise ServiceUnavailableError(reason, headers={"Retry-After": str(NOT_READY_RETRY_AFTER_S)})
         logger.info(
             "request %s: model=%s n=%d size=%dx%d steps=%d user=%s",
             request_id, model.id, job.n, job.width, job.height, job.num_inference_steps, request.user,
@@ -110,7 +130,7 @@ class ImageIngress:
             raise ServiceUnavailableError("Image generation timed out; try again later.") from None
         except Exception as exc:
             raise _from_replica(exc) from None
-        return ImagesResponse(
+        body = ImagesResponse(
             created=int(time.time()),
             data=[
                 ImageData(url=r.url, b64_json=r.b64_json, revised_prompt=job.prompt, seed=r.seed)
@@ -120,6 +140,9 @@ class ImageIngress:
             quality=request.quality or "standard",
             output_format=job.output_format,  # type: ignore[arg-type]
         ).model_dump(exclude_none=True)
+        # How many images shared this request's pipeline call(s): batching made visible.
+        headers = {"x-artserve-batch-size": str(max(r.batch_size for r in results))}
+        return JSONResponse(body, headers=headers)
 
     def model_card(self, model: ModelConfig) -> ModelCard:
         return ModelCard(
@@ -174,8 +197,7 @@ def create_api(ingress: ImageIngress) -> FastAPI:
             raise InvalidRequestError(
                 "We could not parse the JSON body of your request.", code="invalid_json"
             ) from None
-        base_url = str(request.base_url)
-        return JSONResponse(await ingress.generate(body, request.state.request_id, base_url))
+        return await ingress.generate(body, request.state.request_id, str(request.base_url))
 
     @api.get("/v1/models", dependencies=[Depends(authorize)])
     async def list_models() -> JSONResponse:

@@ -30,5 +30,6 @@ class GenerationJob:
 @dataclass(frozen=True)
 class ImageResult:
     seed: int
+    batch_size: int  # images in the pipeline call that made this one
     url: str | None = None
     b64_json: str | None = None

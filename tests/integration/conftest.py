@@ -28,6 +28,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _models_dir(work: Path) -> Path:
+    """The repo's models, plus `tiny-sd-small`: one request at a time and a queue of one, so
+    overload (429 + Retry-After) is reachable with a handful of requests."""
+    models = work / "models"
+    models.mkdir()
+    for path in (ROOT / "models").glob("*.yaml"):
+        (models / path.name).write_text(path.read_text())
+    small = yaml.safe_load((ROOT / "models" / "tiny-sd.yaml").read_text())
+    small["id"] = "tiny-sd-small"
+    small["batching"] = {"max_batch_size": 1, "batch_wait_timeout_s": 0}
+    small["deployment"] = {
+        "ray_actor_options": {"num_cpus": 0.25},
+        "max_ongoing_requests": 1,
+        "max_queued_requests": 1,
+        "backpressure_config": {"status_code": 429, "retry_after_s": 3},
+    }
+    (models / "tiny-sd-small.yaml").write_text(yaml.safe_dump(small))
+    # A model whose weights are missing: its replica fails to start, once.
+    broken = {**small, "id": "tiny-broken", "source": str(work / "no-such-pipeline")}
+    broken["deployment"] = {"ray_actor_options": {"num_cpus": 0.1}, "max_constructor_retry_count": 1}
+    (models / "tiny-broken.yaml").write_text(yaml.safe_dump(broken))
+    return models
+
+
+def _all_models_generate(base_url: str) -> bool:
+    """Ready means every working model has made an image, not just that the ingress is up."""
+    for model in ["tiny-sd", "tiny-flux", "tiny-sd-small"]:
+        try:
+            r = httpx.post(f"{base_url}/v1/images/generations", timeout=30,
+                           headers={"Authorization": f"Bearer {API_KEY}"},
+                           json={"model": model, "prompt": "warm-up", "num_inference_steps": 1,
+                                 "response_format": "b64_json"})
+        except httpx.HTTPError:
+            return False
+        if r.status_code != 200:
+            return False
+    return True
+
+
 class Server:
     def __init__(self, base_url: str, storage: Path, log: Path):
         self.base_url, self.storage, self.log = base_url, storage, log
@@ -41,7 +80,9 @@ def server(tmp_path_factory) -> Server:
     work = tmp_path_factory.mktemp("serve")
     port = _free_port()
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["applications"][0]["args"]["models"] += ["tiny-sd-small", "tiny-broken"]
     config["http_options"]["port"] = port
+    config["applications"][0]["args"]["models_dir"] = str(_models_dir(work))
     config_path = work / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     storage = work / "images"
@@ -68,12 +109,8 @@ def server(tmp_path_factory) -> Server:
                 raise RuntimeError(f"serve run exited with {process.returncode}:\n{log.read_text()[-4000:]}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"serve run not ready in {STARTUP_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
-            try:
-                r = httpx.get(f"{base_url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=2)
-                if r.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+            if _all_models_generate(base_url):
+                break
             time.sleep(1)
         yield Server(base_url, storage, log)
     finally:

@@ -1,4 +1,4 @@
-from serve_app.batching import ShapeKey, plan_calls, scatter
+from serve_app.batching import ShapeKey, plan_calls, scatter, split_job
 from serve_app.job import GenerationJob
 
 
@@ -29,3 +29,11 @@ def test_scatter_puts_results_back_in_request_order():
     outputs = [[(jobs[s.job].width, s.job, s.image) for s in call.slots] for call in calls]
     per_job = scatter(jobs, calls, outputs)
     assert [[r[1:] for r in rs] for rs in per_job] == [[(0, 0), (0, 1)], [(1, 0), (1, 1), (1, 2)], [(2, 0)]]
+
+
+def test_split_job_keeps_seed_order_and_fits_the_batch():
+    job = make(10, seed=70)
+    parts = split_job(job, 4)
+    assert [p.seeds for p in parts] == [(70, 71, 72, 73), (74, 75, 76, 77), (78, 79)]
+    assert all(p.request_id == job.request_id and p.width == job.width for p in parts)
+    assert split_job(job, 10) == [job]

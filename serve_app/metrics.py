@@ -1,0 +1,55 @@
+"""Prometheus metrics through `ray.serve.metrics` (exported by Ray's metrics agent, next to
+Serve's own `ray_serve_*` series). Every series carries the `model` tag. (Serve reserves
+the `deployment`/`replica`/`application` tags and adds them itself.)"""
+
+from __future__ import annotations
+
+from ray.serve import metrics
+
+SECONDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
+MODEL = ("model",)
+
+
+class ModelMetrics:
+    """Recorded by a `ModelServer` replica."""
+
+    def __init__(self, model_id: str):
+        self._tags = {"model": model_id}
+        self._images = metrics.Counter("artserve_images_generated", "Images generated.", tag_keys=MODEL)
+        self._batch_size = metrics.Histogram(
+            "artserve_pipeline_batch_size", "Images per pipeline call.",
+            boundaries=[1, 2, 3, 4, 6, 8, 12, 16, 32], tag_keys=MODEL,
+        )
+        self._pipeline_s = metrics.Histogram(
+            "artserve_pipeline_seconds", "Seconds per pipeline call.", boundaries=SECONDS, tag_keys=MODEL
+        )
+        self._queue_wait_s = metrics.Histogram(
+            "artserve_queue_wait_seconds", "Seconds from arrival at the replica to the start of its batch.",
+            boundaries=SECONDS, tag_keys=MODEL,
+        )
+        self._finish_s = metrics.Histogram(
+            "artserve_encode_store_seconds", "Seconds to encode and store one image.", boundaries=SECONDS,
+            tag_keys=MODEL,
+        )
+
+    def pipeline_call(self, images: int, seconds: float) -> None:
+        self._images.inc(images, tags=self._tags)
+        self._batch_size.observe(images, tags=self._tags)
+        self._pipeline_s.observe(seconds, tags=self._tags)
+
+    def queue_wait(self, seconds: float) -> None:
+        self._queue_wait_s.observe(seconds, tags=self._tags)
+
+    def encode_store(self, seconds: float) -> None:
+        self._finish_s.observe(seconds, tags=self._tags)
+
+
+class IngressMetrics:
+    def __init__(self):
+        self._responses = metrics.Counter(
+            "artserve_responses", "Image generation responses by model and HTTP status.",
+            tag_keys=("model", "status"),
+        )
+
+    def response(self, model: str, status: int) -> None:
+        self._responses.inc(tags={"model": model, "status": str(status)})
