@@ -229,9 +229,9 @@ class AppConfig(Strict):
             config = cls.model_validate(merged)
         except ValidationError as exc:
             raise ConfigError(f"app config: {_explain(exc)}") from None
-        if not config.storage.startswith("gs://"):
-            config = config.model_copy(update={"storage": str(Path(config.storage).expanduser().resolve())})
-        return config
+        if config.storage.startswith("gs://"):
+            raise ConfigError("storage: gs:// buckets are not supported yet; use a local directory")
+        return config.model_copy(update={"storage": str(Path(config.storage).expanduser().resolve())})
 
     def models_path(self) -> Path:
         path = Path(self.models_dir).expanduser()

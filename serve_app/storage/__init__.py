@@ -22,8 +22,6 @@ def new_object_key(output_format: str, now_s: float | None = None) -> str:
 
 
 def open_store(storage: str, url_ttl_s: int, public_url: str | None) -> ImageStore:
-    if storage.startswith("gs://"):
-        raise NotImplementedError("gs:// storage is not available yet")
-    from serve_app.storage.local import LocalImageStore
+    from serve_app.storage.local import LocalImageStore  # the only store so far (config refuses gs://)
 
     return LocalImageStore(storage, url_ttl_s=url_ttl_s, public_url=public_url)

@@ -82,6 +82,7 @@ def test_env_overrides_app_args(tmp_path):
         ({"models": []}, {}, "models"),
         ({"models": ["tiny-sd"]}, {"ARTSERVE_URL_TTL_S": "1d"}, "whole seconds"),
         ({"models": ["tiny-sd"], "ingress": {"max_ongoing_request": 5}}, {}, "unknown Serve"),
+        ({"models": ["tiny-sd"]}, {"ARTSERVE_STORAGE": "gs://bucket/images"}, "not supported yet"),
     ],
 )
 def test_bad_app_config(args, env, message):
