@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 from pathlib import Path
@@ -108,10 +107,30 @@ class EngineOptions(Strict):
     num_threads: int | None = Field(None, gt=0, description="torch CPU threads (CPU only).")
 
 
-def _serve_deployment_keys() -> set[str]:
-    from ray import serve
+def check_deployment_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Serve's schema ignores misspelled nested keys (`autoscaling_config.max_replica`), so
+    check every key level ourselves, then let Serve's own schema check the values."""
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import DeploymentSchema, RayActorOptionsSchema
 
-    return set(inspect.signature(serve.deployment).parameters) - {"_func_or_class", "name"}
+    known = {
+        "": set(DeploymentSchema.model_fields) - {"name"},
+        "ray_actor_options": set(RayActorOptionsSchema.model_fields),
+        "autoscaling_config": set(AutoscalingConfig.model_fields),
+    }
+    for section, keys in known.items():
+        given = options if not section else options.get(section) or {}
+        unknown = sorted(set(given) - keys)
+        if unknown:
+            where = f"{section}." if section else ""
+            raise ValueError(f"unknown Serve deployment option(s): {', '.join(where + k for k in unknown)}")
+    try:
+        DeploymentSchema.model_validate({"name": "check", **options})
+        if options.get("autoscaling_config"):  # DeploymentSchema keeps it as a plain dict
+            AutoscalingConfig.model_validate(options["autoscaling_config"])
+    except ValidationError as exc:
+        raise ValueError(f"invalid Serve deployment options: {_explain(exc)}") from None
+    return options
 
 
 class ModelConfig(Strict):
@@ -157,9 +176,7 @@ class ModelConfig(Strict):
             raise ValueError(f"quality presets missing: {sorted(missing)}")
         if set(self.style) != {"vivid", "natural"}:
             raise ValueError("style presets must define exactly vivid and natural")
-        unknown = set(self.deployment) - _serve_deployment_keys()
-        if unknown:
-            raise ValueError(f"unknown Serve deployment option(s): {sorted(unknown)}")
+        check_deployment_options(self.deployment)
         return self
 
     def quality_preset(self, quality: str) -> QualityPreset:
@@ -192,7 +209,7 @@ def _explain(exc: ValidationError) -> str:
 class AppConfig(Strict):
     """`args` of the serve config; environment variables override the matching fields."""
 
-    models: list[str] = Field(min_length=1, description="Model ids to serve (models_dir/ID.yaml).")
+    models: list[str] = Field(min_length=1, description="Model ids (models_dir/ID.yaml) or YAML paths.")
     models_dir: str = Field("models", description="Directory of model YAML files.")
     storage: str = Field(
         str(Path.home() / ".cache" / "artserve" / "images"),
@@ -208,10 +225,7 @@ class AppConfig(Strict):
     @field_validator("ingress")
     @classmethod
     def _known_ingress_keys(cls, options: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(options) - _serve_deployment_keys()
-        if unknown:
-            raise ValueError(f"unknown Serve deployment option(s): {sorted(unknown)}")
-        return options
+        return check_deployment_options(options)
 
     @classmethod
     def from_args(cls, args: dict[str, Any], env: dict[str, str] | None = None) -> AppConfig:
@@ -240,13 +254,18 @@ class AppConfig(Strict):
         return path.resolve()
 
     def load_models(self) -> dict[str, ModelConfig]:
+        """`models` entries are ids (models_dir/ID.yaml) or paths to YAML files."""
         configs = {}
-        for model_id in self.models:
-            path = self.models_path() / f"{model_id}.yaml"
+        for entry in self.models:
+            path = Path(entry) if entry.endswith((".yaml", ".yml")) else self.models_path() / f"{entry}.yaml"
+            if not path.is_absolute() and not path.exists():
+                path = PROJECT_ROOT / path
             if not path.exists():
-                raise ConfigError(f"model {model_id!r}: no file {path}")
+                raise ConfigError(f"model {entry!r}: no file {path}")
             config = load_model_config(path)
-            if config.id != model_id:
+            if config.id != path.stem:
                 raise ConfigError(f"{path}: id {config.id!r} does not match the file name")
-            configs[model_id] = config
+            if config.id in configs:
+                raise ConfigError(f"model {config.id!r} is listed twice")
+            configs[config.id] = config
         return configs

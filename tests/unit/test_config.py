@@ -42,6 +42,10 @@ def test_typo_in_a_key_names_the_file_and_key(tmp_path, tiny_sd):
         (lambda d: d["quality"].pop("hd"), "quality presets missing"),
         (lambda d: d["style"]["vivid"].update(prompt_template="no placeholder"), "must contain"),
         (lambda d: d["deployment"].update(autoscailing_config={}), "unknown Serve deployment option"),
+        (lambda d: d["deployment"].update(autoscaling_config={"max_replica": 2}), r"autoscaling_config\.max_replica"),
+        (lambda d: d["deployment"]["ray_actor_options"].update(num_gpu=1), r"ray_actor_options\.num_gpu"),
+        (lambda d: d["deployment"].update(autoscaling_config={"min_replicas": 3, "max_replicas": 1}), "invalid Serve"),
+        (lambda d: d["deployment"].update(max_ongoing_requests=0), "invalid Serve"),
         (lambda d: d.pop("source"), "source"),
     ],
 )
@@ -105,3 +109,18 @@ def test_dev_serve_config_is_valid_and_builds():
     app = schema.applications[0]
     assert app.import_path == "serve_app.app:build_app"
     assert build_app(app.args) is not None
+
+
+def test_model_entries_may_be_yaml_paths():
+    config = AppConfig.from_args({"models": ["tiny-sd", "benchmarks/models/tiny-sd-b1.yaml"]}, env={})
+    assert list(config.load_models()) == ["tiny-sd", "tiny-sd-b1"]
+    with pytest.raises(ConfigError, match="listed twice"):
+        AppConfig.from_args({"models": ["tiny-sd", "models/tiny-sd.yaml"]}, env={}).load_models()
+
+
+def test_benchmark_twin_differs_from_tiny_sd_only_in_batching():
+    twin = yaml.safe_load((MODELS.parent / "benchmarks" / "models" / "tiny-sd-b1.yaml").read_text())
+    original = yaml.safe_load((MODELS / "tiny-sd.yaml").read_text())
+    different = {key for key in original.keys() | twin.keys() if original.get(key) != twin.get(key)}
+    assert different == {"id", "description", "batching"}
+    assert twin["batching"]["max_batch_size"] == 1
