@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from pathlib import Path
@@ -110,11 +111,14 @@ class EngineOptions(Strict):
 def check_deployment_options(options: dict[str, Any]) -> dict[str, Any]:
     """Serve's schema ignores misspelled nested keys (`autoscaling_config.max_replica`), so
     check every key level ourselves, then let Serve's own schema check the values."""
+    from ray import serve
     from ray.serve.config import AutoscalingConfig
     from ray.serve.schema import DeploymentSchema, RayActorOptionsSchema
 
+    # serve.deployment() takes a few options the config schema does not list (and vice versa).
+    top = set(DeploymentSchema.model_fields) | set(inspect.signature(serve.deployment).parameters)
     known = {
-        "": set(DeploymentSchema.model_fields) - {"name"},
+        "": top - {"name", "_func_or_class"},
         "ray_actor_options": set(RayActorOptionsSchema.model_fields),
         "autoscaling_config": set(AutoscalingConfig.model_fields),
     }
@@ -200,7 +204,7 @@ def load_model_config(path: Path) -> ModelConfig:
 def _explain(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors(include_url=False, include_input=False):
-        where = ".".join(str(p) for p in error["loc"]) or "(file)"
+        where = ".".join(str(p) for p in error["loc"]) or "model"
         what = "unknown key (misspelled?)" if error["type"] == "extra_forbidden" else error["msg"]
         parts.append(f"{where}: {what}")
     return "; ".join(parts)

@@ -144,8 +144,11 @@ class ImageIngress:
         headers = {"x-artserve-batch-size": str(max(r.batch_size for r in results))}
         return JSONResponse(body, headers=headers)
 
-    def model_card(self, model: ModelConfig) -> ModelCard:
+    async def model_card(self, model: ModelConfig) -> ModelCard:
+        status, running = await self.readiness.state(model.id)
         return ModelCard(
+            status=status,
+            running_replicas=running,
             id=model.id,
             created=model.created,
             owned_by=model.owned_by,
@@ -201,7 +204,7 @@ def create_api(ingress: ImageIngress) -> FastAPI:
 
     @api.get("/v1/models", dependencies=[Depends(authorize)])
     async def list_models() -> JSONResponse:
-        cards = [ingress.model_card(m) for m in ingress.models.values()]
+        cards = [await ingress.model_card(m) for m in ingress.models.values()]
         return JSONResponse(ModelList(data=cards).model_dump(exclude_none=True))
 
     @api.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)])
@@ -209,7 +212,7 @@ def create_api(ingress: ImageIngress) -> FastAPI:
         model = ingress.models.get(model_id)
         if model is None:
             raise ModelNotFoundError(model_id)
-        return JSONResponse(ingress.model_card(model).model_dump(exclude_none=True))
+        return JSONResponse((await ingress.model_card(model)).model_dump(exclude_none=True))
 
     # Signed links carry their own credential: no API key, so a plain GET works.
     @api.get(ROUTE_PREFIX + "{key:path}")

@@ -124,6 +124,8 @@ class ModelCard(BaseModel):
     default_output_format: OutputFormat = Field(description="Encoding when none is asked.")
     max_prompt_chars: int = Field(description="Longest accepted prompt.")
     supports_negative_prompt: bool = Field(description="Whether negative_prompt is honoured.")
+    status: str = Field(description="Serve's deployment status: HEALTHY, UPDATING, UPSCALING, UNHEALTHY...")
+    running_replicas: int = Field(description="Replicas serving this model now (polled every 2 s).")
 
 
 class ModelList(BaseModel):

@@ -26,14 +26,18 @@ class ModelReadiness:
         self._task: asyncio.Task | None = None
         self._first_poll: asyncio.Event | None = None
 
-    async def not_ready_reason(self, model_id: str) -> str | None:
-        """None when the model can take a request; otherwise why not, for the client."""
+    async def state(self, model_id: str) -> tuple[str, int]:
+        """Serve's status of the model's deployment and its running replicas (last poll)."""
         if self._task is None:  # started lazily: replica constructors have no running loop
             self._first_poll = asyncio.Event()
             self._task = asyncio.create_task(self._poll())
         await self._first_poll.wait()  # type: ignore[union-attr]
-        status, running = self._status.get(deployment_name(model_id), ("UNKNOWN", 1))
-        if running > 0:
+        return self._status.get(deployment_name(model_id), ("UNKNOWN", 0))
+
+    async def not_ready_reason(self, model_id: str) -> str | None:
+        """None when the model can take a request; otherwise why not, for the client."""
+        status, running = await self.state(model_id)
+        if running > 0 or status == "UNKNOWN":  # no news is not bad news: let Serve route it
             return None
         if status in FAILED:
             return f"Model '{model_id}' failed to start; an operator must check its logs."

@@ -49,12 +49,24 @@ def _models_dir(work: Path) -> Path:
     broken = {**small, "id": "tiny-broken", "source": str(work / "no-such-pipeline")}
     broken["deployment"] = {"ray_actor_options": {"num_cpus": 0.1}, "max_constructor_retry_count": 1}
     (models / "tiny-broken.yaml").write_text(yaml.safe_dump(broken))
+    # Two autoscaling models with short delays: one is loaded by the test, one stays idle.
+    for model_id, base in [("tiny-flux-auto", "tiny-flux"), ("tiny-sd-auto", "tiny-sd")]:
+        auto = yaml.safe_load((ROOT / "models" / f"{base}.yaml").read_text())
+        auto["id"] = model_id
+        auto["deployment"] = {
+            "ray_actor_options": {"num_cpus": 0.1},
+            "autoscaling_config": {
+                "min_replicas": 1, "initial_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                "upscale_delay_s": 1, "downscale_delay_s": 5, "metrics_interval_s": 0.5, "look_back_period_s": 2,
+            },
+        }
+        (models / f"{model_id}.yaml").write_text(yaml.safe_dump(auto))
     return models
 
 
 def _all_models_generate(base_url: str) -> bool:
     """Ready means every working model has made an image, not just that the ingress is up."""
-    for model in ["tiny-sd", "tiny-flux", "tiny-sd-small"]:
+    for model in ["tiny-sd", "tiny-flux", "tiny-sd-small", "tiny-flux-auto", "tiny-sd-auto"]:
         try:
             r = httpx.post(f"{base_url}/v1/images/generations", timeout=30,
                            headers={"Authorization": f"Bearer {API_KEY}"},
@@ -80,7 +92,8 @@ def server(tmp_path_factory) -> Server:
     work = tmp_path_factory.mktemp("serve")
     port = _free_port()
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    config["applications"][0]["args"]["models"] += ["tiny-sd-small", "tiny-broken"]
+    config["applications"][0]["args"]["models"] += [
+        "tiny-sd-small", "tiny-broken", "tiny-flux-auto", "tiny-sd-auto"]
     config["http_options"]["port"] = port
     config["applications"][0]["args"]["models_dir"] = str(_models_dir(work))
     config_path = work / "serve_config.yaml"

@@ -106,12 +106,15 @@ def test_quality_style_and_extensions_change_the_generation(client):
 
 def test_models_list_and_retrieve(client):
     ids = [m.id for m in client.models.list()]
-    assert ids == [*MODELS, "tiny-sd-small", "tiny-broken"]
+    assert ids == [*MODELS, "tiny-sd-small", "tiny-broken", "tiny-flux-auto", "tiny-sd-auto"]
     model = client.models.retrieve("tiny-flux")
     assert (model.id, model.object) == ("tiny-flux", "model")
     raw = httpx.get(f"{client.base_url}models", headers={"Authorization": f"Bearer {client.api_key}"}).json()
     validate(raw, "ListModelsResponse")
     assert "1792x1024" in raw["data"][0]["sizes"]
+    cards = {card["id"]: card for card in raw["data"]}
+    assert cards["tiny-sd"]["running_replicas"] == 1 and cards["tiny-sd"]["status"] == "HEALTHY"
+    assert cards["tiny-broken"]["running_replicas"] == 0
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("dall-e-3")
 
