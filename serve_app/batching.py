@@ -1,12 +1,15 @@
-"""Pure batching logic: one slot per image; images that can share a pipeline call (same
-size, steps and guidance) are grouped in arrival order and cut to the batch size; results
-go back to their request in order. No Ray, no torch."""
+"""Pure batching logic (no Ray, no torch): one slot per image; a pipeline call takes the
+oldest waiting image and every other waiting image of the same shape (size, steps,
+guidance), up to the batch size; requests larger than a batch are split."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Generic, TypeVar
 
 from serve_app.job import GenerationJob
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -24,37 +27,31 @@ class ShapeKey:
 
 
 @dataclass(frozen=True)
-class Slot:
-    """Image `image` of job `job` in the batch."""
+class Slot(Generic[T]):
+    """One image waiting for the pipeline: its job, its index in the job, and a handle the
+    caller uses to get the result back (a future)."""
 
-    job: int
+    job: GenerationJob
     image: int
+    handle: T
+
+    @property
+    def key(self) -> ShapeKey:
+        return ShapeKey.of(self.job)
 
 
-@dataclass(frozen=True)
-class PipelineCall:
-    key: ShapeKey
-    slots: tuple[Slot, ...]
-
-
-def plan_calls(jobs: list[GenerationJob], max_batch_size: int) -> list[PipelineCall]:
-    groups: dict[ShapeKey, list[Slot]] = {}
-    for j, job in enumerate(jobs):
-        groups.setdefault(ShapeKey.of(job), []).extend(Slot(j, i) for i in range(job.n))
-    return [
-        PipelineCall(key, tuple(slots[start : start + max_batch_size]))
-        for key, slots in groups.items()
-        for start in range(0, len(slots), max_batch_size)
-    ]
-
-
-def scatter(jobs: list[GenerationJob], calls: list[PipelineCall], outputs: list[list]) -> list[list]:
-    """Put each call's outputs (one per slot) back into per-job lists, in image order."""
-    per_job: list[list] = [[None] * job.n for job in jobs]
-    for call, results in zip(calls, outputs, strict=True):
-        for slot, result in zip(call.slots, results, strict=True):
-            per_job[slot.job][slot.image] = result
-    return per_job
+def take_call(pending: list[Slot[T]], max_batch_size: int) -> list[Slot[T]]:
+    """Remove and return the next pipeline call from `pending` (kept in arrival order):
+    the oldest slot and the next same-shape slots, up to `max_batch_size`. Older slots of
+    other shapes go first in later calls, so no shape starves."""
+    if not pending:
+        return []
+    key = pending[0].key
+    chosen = [i for i, slot in enumerate(pending) if slot.key == key][:max_batch_size]
+    call = [pending[i] for i in chosen]
+    for i in reversed(chosen):
+        del pending[i]
+    return call
 
 
 def split_job(job: GenerationJob, max_batch_size: int) -> list[GenerationJob]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from ray import serve
 
-from serve_app.batching import PipelineCall, plan_calls, scatter, split_job
+from serve_app.batching import Slot, split_job, take_call
 from serve_app.config import ModelConfig
 from serve_app.encoding import encode_image
 from serve_app.errors import ArtServeError, GenerationError, ServiceUnavailableError
@@ -23,6 +23,15 @@ from serve_app.readiness import deployment_name
 from serve_app.storage import ImageStore, open_store
 
 logger = logging.getLogger("ray.serve")
+# Serve's batch layer may hold many small batches at once: they only feed `_pipeline_loop`,
+# which runs one pipeline call at a time. Serve warns that batch x concurrency exceeds
+# max_ongoing_requests as if each were a pipeline call; for this design it is noise.
+BATCH_CONCURRENCY = 64
+
+
+class _QuietBatchConcurrencyWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`max_concurrent_batches`" not in record.getMessage()
 Arrival = tuple[GenerationJob, float]  # a job and when it reached this replica (monotonic s)
 
 
@@ -31,7 +40,7 @@ def deployment_options(model: ModelConfig) -> dict[str, Any]:
     batch = model.batching.max_batch_size
     defaults: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": 1},
-        # Enough requests in flight to fill the next batch while one runs.
+        # Enough requests inside the replica to fill the next call while one runs.
         "max_ongoing_requests": 2 * batch + 2,
         # Beyond this many waiting requests, callers get 429 + Retry-After, never a hang.
         "max_queued_requests": 8 * batch,
@@ -55,6 +64,7 @@ class ModelServer:
     def __init__(self, model: ModelConfig, storage: str, url_ttl_s: int, public_url: str | None):
         from serve_app.engine.pipeline import DiffusersEngine  # torch: replica side only
 
+        logger.addFilter(_QuietBatchConcurrencyWarning())
         self.model = model
         self.metrics = ModelMetrics(model.id)
         started = time.monotonic()
@@ -64,10 +74,15 @@ class ModelServer:
         self._pipeline_thread = ThreadPoolExecutor(1, thread_name_prefix="pipeline")
         self._encoders = ThreadPoolExecutor(2, thread_name_prefix="encode")
         self._fatal: str | None = None
+        self._pending: list[Slot[asyncio.Future]] = []  # images waiting for the pipeline, oldest first
+        self._work = asyncio.Event()
+        self._scheduler: asyncio.Task | None = None
         self._batch.set_max_batch_size(model.batching.max_batch_size)
         self._batch.set_batch_wait_timeout_s(model.batching.batch_wait_timeout_s)
 
     async def generate(self, job: GenerationJob) -> list[ImageResult]:
+        if self._scheduler is None:  # needs the replica's running event loop
+            self._scheduler = asyncio.create_task(self._pipeline_loop())
         arrived = time.monotonic()
         parts = split_job(job, self.model.batching.max_batch_size)
         results = await asyncio.gather(*(self._batch((part, arrived)) for part in parts))
@@ -80,63 +95,84 @@ class ModelServer:
         # A CUDA context that hit a fatal error stays broken: let Serve replace the replica.
         if self._fatal:
             raise RuntimeError(f"replica unusable after: {self._fatal}")
+        if self._scheduler is not None and self._scheduler.done():
+            raise RuntimeError("the pipeline scheduler stopped")
 
-    # Two batches in flight: the next batch's pipeline call overlaps this one's encoding.
-    @serve.batch(max_concurrent_batches=2, batch_size_fn=_images_in)
+    # Serve's batcher groups bursts and counts images as slots. It forms a batch as soon as
+    # a request waits, even while the pipeline is busy, so the accumulating happens in
+    # `_pipeline_loop`: each pipeline call takes every waiting same-shape image.
+    @serve.batch(max_concurrent_batches=BATCH_CONCURRENCY, batch_size_fn=_images_in)
     async def _batch(self, arrivals: list[Arrival]) -> list[list[ImageResult] | BaseException]:
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        for _, arrived in arrivals:
+        per_job = []
+        for job, arrived in arrivals:
             self.metrics.queue_wait(now - arrived)
-        jobs = [job for job, _ in arrivals]
-        calls = plan_calls(jobs, self.model.batching.max_batch_size)
-        pending: list[list[asyncio.Future] | BaseException] = []
-        for call in calls:
-            try:
-                images = await loop.run_in_executor(self._pipeline_thread, self._run, jobs, call)
-            except Exception as exc:
-                pending.append(self._failed(jobs, call, exc))
-                continue
-            pending.append([
-                loop.run_in_executor(self._encoders, self._finish, jobs[slot.job], slot.image, image, len(call.slots))
-                for slot, image in zip(call.slots, images, strict=True)
-            ])
-        outputs = []
-        for call, futures in zip(calls, pending, strict=True):
-            if isinstance(futures, BaseException):
-                outputs.append([futures] * len(call.slots))
-            else:
-                outputs.append(await asyncio.gather(*futures, return_exceptions=True))
-        return [_first_error(results) or results for results in scatter(jobs, calls, outputs)]
+            images = [Slot(job, i, loop.create_future()) for i in range(job.n)]
+            self._pending.extend(images)
+            per_job.append(images)
+        self._work.set()
+        results = await asyncio.gather(
+            *(asyncio.gather(*(self._finish(slot) for slot in images), return_exceptions=True)
+              for images in per_job)
+        )
+        return [_first_error(images) or images for images in results]
 
-    def _run(self, jobs: list[GenerationJob], call: PipelineCall):
+    async def _pipeline_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._work.wait()
+            call = take_call(self._pending, self.model.batching.max_batch_size)
+            if not self._pending:
+                self._work.clear()
+            if not call:
+                continue
+            try:
+                images = await loop.run_in_executor(self._pipeline_thread, self._run, call)
+            except Exception as exc:
+                error = self._failed(call, exc)
+                for slot in call:
+                    slot.handle.set_exception(error)
+                continue
+            for slot, image in zip(call, images, strict=True):
+                slot.handle.set_result((image, len(call)))
+
+    def _run(self, call: list[Slot]):
         from serve_app.engine.pipeline import PipelineInputs
 
-        slots = [(jobs[s.job], s.image) for s in call.slots]
+        key = call[0].key
         started = time.monotonic()
         images = self.engine.generate(
             PipelineInputs(
-                width=call.key.width,
-                height=call.key.height,
-                num_inference_steps=call.key.num_inference_steps,
-                guidance_scale=call.key.guidance_scale,
-                prompts=[job.prompt for job, _ in slots],
-                negative_prompts=[job.negative_prompt for job, _ in slots],
-                seeds=[job.seeds[i] for job, i in slots],
+                width=key.width,
+                height=key.height,
+                num_inference_steps=key.num_inference_steps,
+                guidance_scale=key.guidance_scale,
+                prompts=[slot.job.prompt for slot in call],
+                negative_prompts=[slot.job.negative_prompt for slot in call],
+                seeds=[slot.job.seeds[slot.image] for slot in call],
             )
         )
-        self.metrics.pipeline_call(len(slots), time.monotonic() - started)
+        self.metrics.pipeline_call(len(call), time.monotonic() - started)
         return images
 
-    def _failed(self, jobs: list[GenerationJob], call: PipelineCall, exc: Exception) -> ArtServeError:
-        ids = sorted({jobs[s.job].request_id for s in call.slots})
+    def _failed(self, call: list[Slot], exc: Exception) -> ArtServeError:
+        ids = sorted({slot.job.request_id for slot in call})
         logger.error("model %s: generation failed for %s", self.model.id, ids, exc_info=exc)
         text = str(exc)
         if "CUDA error" in text and "out of memory" not in text:
             self._fatal = text.splitlines()[0][:200]
         return GenerationError("Image generation failed.")
 
-    def _finish(self, job: GenerationJob, index: int, image, batch_size: int) -> ImageResult:
+    async def _finish(self, slot: Slot) -> ImageResult:
+        """Wait for the slot's image, then encode and store it on the encoder pool, so the
+        pipeline thread goes straight on to the next call."""
+        image, batch_size = await slot.handle
+        return await asyncio.get_running_loop().run_in_executor(
+            self._encoders, self._encode_store, slot.job, slot.image, image, batch_size
+        )
+
+    def _encode_store(self, job: GenerationJob, index: int, image, batch_size: int) -> ImageResult:
         started = time.monotonic()
         data = encode_image(image, job.output_format, job.output_compression)
         seed = job.seeds[index]
