@@ -181,8 +181,9 @@ def create_api(ingress: ImageIngress) -> FastAPI:
 
     @api.exception_handler(ArtServeError)
     async def _typed(request: Request, exc: ArtServeError) -> JSONResponse:
-        if exc.status_code >= 500:
-            logger.error("request %s: %s %s", request.state.request_id, exc.status_code, exc.message)
+        if exc.status_code >= 500:  # 503s (loading, storage down) are expected: a warning
+            level = logging.WARNING if exc.status_code == 503 else logging.ERROR
+            logger.log(level, "request %s: %s %s", request.state.request_id, exc.status_code, exc.message)
         return error_response(exc)
 
     @api.exception_handler(StarletteHTTPException)
