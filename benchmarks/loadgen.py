@@ -53,6 +53,7 @@ class Run:
             "p50_s": pct(0.50), "p95_s": pct(0.95), "p99_s": pct(0.99),
             "images_per_s": len(ok) / self.wall_s if self.wall_s else 0.0,
             "mean_batch_size": statistics.mean(self.batch_sizes) if self.batch_sizes else 0.0,
+            "retry_after_values": sorted(set(self.retry_after)),
             "max_batch_size": max(self.batch_sizes, default=0),
         }
 

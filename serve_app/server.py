@@ -122,7 +122,8 @@ class ModelServer:
         loop = asyncio.get_running_loop()
         while True:
             await self._work.wait()
-            call = take_call(self._pending, self.model.batching.max_batch_size)
+            # Slots of cancelled requests (client gone) are dropped, not generated.
+            call = [s for s in take_call(self._pending, self.model.batching.max_batch_size) if not s.handle.done()]
             if not self._pending:
                 self._work.clear()
             if not call:
@@ -132,10 +133,12 @@ class ModelServer:
             except Exception as exc:
                 error = self._failed(call, exc)
                 for slot in call:
-                    slot.handle.set_exception(error)
+                    if not slot.handle.done():
+                        slot.handle.set_exception(error)
                 continue
             for slot, image in zip(call, images, strict=True):
-                slot.handle.set_result((image, len(call)))
+                if not slot.handle.done():
+                    slot.handle.set_result((image, len(call)))
 
     def _run(self, call: list[Slot]):
         from serve_app.engine.pipeline import PipelineInputs

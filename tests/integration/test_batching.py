@@ -80,3 +80,21 @@ def test_a_model_that_failed_to_start_is_503_not_a_hang(server):
     assert info.value.body["type"] == "service_unavailable_error"
     assert info.value.response.headers["retry-after"] == "10"
     assert "no-such-pipeline" not in info.value.response.text  # no server paths in the body
+
+
+def test_clients_that_disconnect_do_not_break_the_model(server):
+    # Serve cancels a request whose client went away; its waiting images are dropped and the
+    # scheduler goes on serving everyone else.
+    def impatient(_):
+        try:
+            httpx.post(f"{server.base_url}/v1/images/generations", timeout=0.3,
+                       headers={"Authorization": f"Bearer {API_KEY}"},
+                       json={"model": "tiny-sd", "prompt": "gone", "n": 3, "num_inference_steps": 30})
+        except httpx.TimeoutException:
+            return "gone"
+        return "answered"
+
+    with ThreadPoolExecutor(4) as pool:
+        assert "gone" in list(pool.map(impatient, range(4)))
+    response = post(server, model="tiny-sd", n=2, response_format="b64_json", num_inference_steps=5)
+    assert response.status_code == 200 and len(response.json()["data"]) == 2
