@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
@@ -176,6 +176,9 @@ def create_api(ingress: ImageIngress) -> FastAPI:
         try:
             return await call_next(request)
         except Exception:  # the last line of defence: never a bare 500 or a stack trace
+            if await request.is_disconnected():  # the client left; Serve cancelled the work
+                logger.info("request %s: client disconnected", request.state.request_id)
+                return Response(status_code=499)
             logger.exception("request %s: unhandled error", request.state.request_id)
             return error_response(GenerationError("The server had an error processing your request."))
 
