@@ -34,6 +34,7 @@ class Slot(Generic[T]):
     job: GenerationJob
     image: int
     handle: T
+    arrived_s: float = 0.0  # when its request reached the replica (monotonic)
 
     @property
     def key(self) -> ShapeKey:

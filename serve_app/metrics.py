@@ -24,7 +24,8 @@ class ModelMetrics:
             "artserve_pipeline_seconds", "Seconds per pipeline call.", boundaries=SECONDS, tag_keys=MODEL
         )
         self._queue_wait_s = metrics.Histogram(
-            "artserve_queue_wait_seconds", "Seconds from arrival at the replica to the start of its batch.",
+            "artserve_queue_wait_seconds",
+            "Seconds from arrival at the replica to the start of its pipeline call, per image.",
             boundaries=SECONDS, tag_keys=MODEL,
         )
         self._finish_s = metrics.Histogram(

@@ -104,11 +104,9 @@ class ModelServer:
     @serve.batch(max_concurrent_batches=BATCH_CONCURRENCY, batch_size_fn=_images_in)
     async def _batch(self, arrivals: list[Arrival]) -> list[list[ImageResult] | BaseException]:
         loop = asyncio.get_running_loop()
-        now = time.monotonic()
         per_job = []
         for job, arrived in arrivals:
-            self.metrics.queue_wait(now - arrived)
-            images = [Slot(job, i, loop.create_future()) for i in range(job.n)]
+            images = [Slot(job, i, loop.create_future(), arrived) for i in range(job.n)]
             self._pending.extend(images)
             per_job.append(images)
         self._work.set()
@@ -145,6 +143,8 @@ class ModelServer:
 
         key = call[0].key
         started = time.monotonic()
+        for slot in call:
+            self.metrics.queue_wait(started - slot.arrived_s)
         images = self.engine.generate(
             PipelineInputs(
                 width=key.width,
