@@ -25,9 +25,7 @@ def build_app(args: dict[str, Any]) -> Application:
     config = AppConfig.from_args(args)
     models = config.load_models()
     handles = {
-        model_id: ModelServer.options(**deployment_options(model)).bind(
-            model, config.storage, config.url_ttl_s, config.public_url
-        )
+        model_id: ModelServer.options(**deployment_options(model)).bind(model, config)
         for model_id, model in models.items()
     }
     logger.info("ArtServe: models %s, images in %s", sorted(models), config.storage)

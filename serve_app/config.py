@@ -210,6 +210,15 @@ def _explain(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+ENV_OVERRIDES = {
+    "storage": "ARTSERVE_STORAGE",
+    "url_ttl_s": "ARTSERVE_URL_TTL_S",
+    "public_url": "ARTSERVE_PUBLIC_URL",
+    "signing_service_account": "ARTSERVE_SIGNING_SERVICE_ACCOUNT",
+    "storage_retry_s": "ARTSERVE_STORAGE_RETRY_S",
+}
+
+
 class AppConfig(Strict):
     """`args` of the serve config; environment variables override the matching fields."""
 
@@ -219,9 +228,17 @@ class AppConfig(Strict):
         str(Path.home() / ".cache" / "artserve" / "images"),
         description="Local directory, or gs://bucket/prefix. Env: ARTSERVE_STORAGE.",
     )
-    url_ttl_s: int = Field(86400, gt=0, description="Image link lifetime. Env: ARTSERVE_URL_TTL_S.")
+    url_ttl_s: int = Field(
+        86400, gt=0, le=7 * 24 * 3600, description="Image link lifetime, at most 7 days. Env: ARTSERVE_URL_TTL_S."
+    )
     public_url: str | None = Field(
         None, description="Base URL in local links; default: the request's. Env: ARTSERVE_PUBLIC_URL."
+    )
+    signing_service_account: str | None = Field(
+        None, description="gs:// with no key file: who signs links. Env: ARTSERVE_SIGNING_SERVICE_ACCOUNT."
+    )
+    storage_retry_s: float = Field(
+        20, gt=0, description="gs://: how long to retry a failing upload before a 503. Env: ARTSERVE_STORAGE_RETRY_S."
     )
     request_timeout_s: float = Field(600, gt=0, description="Ingress wait for one generation.")
     ingress: dict[str, Any] = Field(default_factory=dict, description="Ingress deployment options.")
@@ -235,21 +252,25 @@ class AppConfig(Strict):
     def from_args(cls, args: dict[str, Any], env: dict[str, str] | None = None) -> AppConfig:
         env = os.environ if env is None else env
         merged = dict(args)
-        for field, var in [("storage", "ARTSERVE_STORAGE"), ("url_ttl_s", "ARTSERVE_URL_TTL_S"),
-                           ("public_url", "ARTSERVE_PUBLIC_URL")]:
+        for field, var in ENV_OVERRIDES.items():
             if env.get(var):
                 merged[field] = env[var]
-        if isinstance(merged.get("url_ttl_s"), str):
-            if not merged["url_ttl_s"].isdigit():
-                raise ConfigError(f"ARTSERVE_URL_TTL_S must be whole seconds, got {merged['url_ttl_s']!r}")
-            merged["url_ttl_s"] = int(merged["url_ttl_s"])
         try:
             config = cls.model_validate(merged)
         except ValidationError as exc:
             raise ConfigError(f"app config: {_explain(exc)}") from None
-        if config.storage.startswith("gs://"):
-            raise ConfigError("storage: gs:// buckets are not supported yet; use a local directory")
+        if config.uses_gcs():
+            from serve_app.storage.gcs import parse_bucket_url  # google libraries: only when used
+
+            try:
+                parse_bucket_url(config.storage)
+            except ValueError as exc:
+                raise ConfigError(f"app config: {exc}") from None
+            return config
         return config.model_copy(update={"storage": str(Path(config.storage).expanduser().resolve())})
+
+    def uses_gcs(self) -> bool:
+        return self.storage.startswith("gs://")
 
     def models_path(self) -> Path:
         path = Path(self.models_dir).expanduser()

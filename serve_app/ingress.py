@@ -92,7 +92,7 @@ class ImageIngress:
             logger.warning("no API keys configured (ARTSERVE_API_KEYS): the API is open to anyone")
         self.local_store = (
             None
-            if config.storage.startswith("gs://")
+            if config.uses_gcs()
             else LocalImageStore(config.storage, url_ttl_s=config.url_ttl_s, public_url=config.public_url)
         )
 

@@ -14,7 +14,7 @@ from typing import Any
 from ray import serve
 
 from serve_app.batching import Slot, split_job, take_call
-from serve_app.config import ModelConfig
+from serve_app.config import AppConfig, ModelConfig
 from serve_app.encoding import encode_image
 from serve_app.errors import ArtServeError, GenerationError, ServiceUnavailableError
 from serve_app.job import GenerationJob, ImageResult
@@ -61,7 +61,7 @@ def _images_in(arrivals: list[Arrival]) -> int:
 
 @serve.deployment
 class ModelServer:
-    def __init__(self, model: ModelConfig, storage: str, url_ttl_s: int, public_url: str | None):
+    def __init__(self, model: ModelConfig, app: AppConfig):
         from serve_app.engine.pipeline import DiffusersEngine  # torch: replica side only
 
         logger.addFilter(_QuietBatchConcurrencyWarning())
@@ -70,9 +70,9 @@ class ModelServer:
         started = time.monotonic()
         self.engine = DiffusersEngine(model)
         logger.info("model %s loaded in %.1fs", model.id, time.monotonic() - started)
-        self.store: ImageStore = open_store(storage, url_ttl_s, public_url)
+        self.store: ImageStore = open_store(app)
         self._pipeline_thread = ThreadPoolExecutor(1, thread_name_prefix="pipeline")
-        self._encoders = ThreadPoolExecutor(2, thread_name_prefix="encode")
+        self._encoders = ThreadPoolExecutor(4, thread_name_prefix="encode")  # encoding + uploads
         self._fatal: str | None = None
         self._pending: list[Slot[asyncio.Future]] = []  # images waiting for the pipeline, oldest first
         self._work = asyncio.Event()

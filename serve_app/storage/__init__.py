@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from serve_app.config import AppConfig
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
@@ -21,7 +24,14 @@ def new_object_key(output_format: str, now_s: float | None = None) -> str:
     return f"{day}/{secrets.token_hex(16)}.{output_format}"
 
 
-def open_store(storage: str, url_ttl_s: int, public_url: str | None) -> ImageStore:
-    from serve_app.storage.local import LocalImageStore  # the only store so far (config refuses gs://)
+def open_store(config: AppConfig) -> ImageStore:
+    if config.uses_gcs():
+        from serve_app.storage.gcs import GcsImageStore  # google libraries: only when used
 
-    return LocalImageStore(storage, url_ttl_s=url_ttl_s, public_url=public_url)
+        return GcsImageStore(
+            config.storage, url_ttl_s=config.url_ttl_s, retry_s=config.storage_retry_s,
+            signer_email=config.signing_service_account,
+        )
+    from serve_app.storage.local import LocalImageStore
+
+    return LocalImageStore(config.storage, url_ttl_s=config.url_ttl_s, public_url=config.public_url)

@@ -1,5 +1,8 @@
 """One real `serve run` of the dev serve config per test session, on a free port, with API
-keys and a temporary image directory; tests talk to it with the official OpenAI SDK."""
+keys and a temporary image directory; tests talk to it with the official OpenAI SDK.
+
+A second application at `/gcs` stores its images in a bucket of `gcp-storage-emulator`
+(started here, over HTTP) and signs links with a service-account key generated here."""
 
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import httpx
 import openai
 import pytest
 import yaml
+
+from tests.gcs import BUCKET, Emulator, service_account_key
 
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "sk-test-artserve"
@@ -61,14 +66,18 @@ def _models_dir(work: Path) -> Path:
             },
         }
         (models / f"{model_id}.yaml").write_text(yaml.safe_dump(auto))
+    gcs = yaml.safe_load((ROOT / "models" / "tiny-flux.yaml").read_text())
+    gcs.update(id="tiny-flux-gcs", deployment={"ray_actor_options": {"num_cpus": 0.04}})
+    (models / "tiny-flux-gcs.yaml").write_text(yaml.safe_dump(gcs))
     return models
 
 
 def _all_models_generate(base_url: str) -> bool:
     """Ready means every working model has made an image, not just that the ingress is up."""
-    for model in ["tiny-sd", "tiny-flux", "tiny-sd-small", "tiny-flux-auto", "tiny-sd-auto"]:
+    for prefix, model in [("", "tiny-sd"), ("", "tiny-flux"), ("", "tiny-sd-small"), ("", "tiny-flux-auto"),
+                          ("", "tiny-sd-auto"), ("/gcs", "tiny-flux-gcs")]:
         try:
-            r = httpx.post(f"{base_url}/v1/images/generations", timeout=30,
+            r = httpx.post(f"{base_url}{prefix}/v1/images/generations", timeout=30,
                            headers={"Authorization": f"Bearer {API_KEY}"},
                            json={"model": model, "prompt": "warm-up", "num_inference_steps": 1,
                                  "response_format": "b64_json"})
@@ -80,11 +89,14 @@ def _all_models_generate(base_url: str) -> bool:
 
 
 class Server:
-    def __init__(self, base_url: str, storage: Path, log: Path):
+    def __init__(self, base_url: str, storage: Path, log: Path, emulator: Emulator, gcs_public_key):
         self.base_url, self.storage, self.log = base_url, storage, log
+        self.emulator, self.gcs_public_key = emulator, gcs_public_key
 
-    def client(self, api_key: str = API_KEY, **kwargs) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=api_key, max_retries=0, timeout=120, **kwargs)
+    def client(self, api_key: str = API_KEY, prefix: str = "", **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=f"{self.base_url}{prefix}/v1", api_key=api_key, max_retries=0, timeout=120, **kwargs
+        )
 
 
 @pytest.fixture(scope="session")
@@ -92,18 +104,27 @@ def server(tmp_path_factory) -> Server:
     work = tmp_path_factory.mktemp("serve")
     port = _free_port()
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    config["applications"][0]["args"]["models"] += [
-        "tiny-sd-small", "tiny-broken", "tiny-flux-auto", "tiny-sd-auto"]
+    storage = work / "images"
+    app = config["applications"][0]
+    app["args"]["models"] += ["tiny-sd-small", "tiny-broken", "tiny-flux-auto", "tiny-sd-auto"]
+    app["args"].update(models_dir=str(_models_dir(work)), storage=str(storage))
+    config["applications"].append({
+        **app, "name": "gcs", "route_prefix": "/gcs",
+        "args": {"models": ["tiny-flux-gcs"], "models_dir": app["args"]["models_dir"],
+                 "storage": f"gs://{BUCKET}/images", "storage_retry_s": 2,
+                 "ingress": {"ray_actor_options": {"num_cpus": 0.05}}},  # 2 logical CPUs in all
+    })
     config["http_options"]["port"] = port
-    config["applications"][0]["args"]["models_dir"] = str(_models_dir(work))
     config_path = work / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    storage = work / "images"
+    emulator = Emulator(work / "gcs").start()
+    gcs_public_key = service_account_key(work / "service-account.json")
     env = {
         **os.environ,
         "ARTSERVE_API_KEYS": f"{API_KEY},second-key",
-        "ARTSERVE_STORAGE": str(storage),
         "ARTSERVE_URL_SIGNING_KEY": SIGNING_KEY,
+        "STORAGE_EMULATOR_HOST": emulator.host,
+        "GOOGLE_APPLICATION_CREDENTIALS": str(work / "service-account.json"),
         "HF_HUB_OFFLINE": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
     }
@@ -125,13 +146,14 @@ def server(tmp_path_factory) -> Server:
             if _all_models_generate(base_url):
                 break
             time.sleep(1)
-        yield Server(base_url, storage, log)
+        yield Server(base_url, storage, log, emulator, gcs_public_key)
     finally:
         os.killpg(process.pid, signal.SIGINT)  # serve run shuts Serve and its Ray down on Ctrl-C
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
+        emulator.stop()
 
 
 @pytest.fixture(scope="session")

@@ -84,14 +84,26 @@ def test_env_overrides_app_args(tmp_path):
     [
         ({"models": ["tiny-sd"], "modles_dir": "x"}, {}, "modles_dir: unknown key"),
         ({"models": []}, {}, "models"),
-        ({"models": ["tiny-sd"]}, {"ARTSERVE_URL_TTL_S": "1d"}, "whole seconds"),
+        ({"models": ["tiny-sd"]}, {"ARTSERVE_URL_TTL_S": "1d"}, "url_ttl_s"),
         ({"models": ["tiny-sd"], "ingress": {"max_ongoing_request": 5}}, {}, "unknown Serve"),
-        ({"models": ["tiny-sd"]}, {"ARTSERVE_STORAGE": "gs://bucket/images"}, "not supported yet"),
+        ({"models": ["tiny-sd"]}, {"ARTSERVE_STORAGE": "gs://Bad_Bucket/images"}, "not gs://BUCKET"),
+        ({"models": ["tiny-sd"]}, {"ARTSERVE_URL_TTL_S": "604801"}, "url_ttl_s: Input should be less than"),
+        ({"models": ["tiny-sd"]}, {"ARTSERVE_STORAGE_RETRY_S": "0"}, "storage_retry_s"),
     ],
 )
 def test_bad_app_config(args, env, message):
     with pytest.raises(ConfigError, match=message):
         AppConfig.from_args(args, env=env)
+
+
+def test_gcs_storage_and_its_options_from_the_environment():
+    config = AppConfig.from_args(
+        {"models": ["tiny-sd"]},
+        env={"ARTSERVE_STORAGE": "gs://my-bucket/art/images", "ARTSERVE_SIGNING_SERVICE_ACCOUNT": "sa@p.iam",
+             "ARTSERVE_STORAGE_RETRY_S": "2.5", "ARTSERVE_URL_TTL_S": "604800"},
+    )
+    assert (config.storage, config.signing_service_account) == ("gs://my-bucket/art/images", "sa@p.iam")
+    assert (config.storage_retry_s, config.url_ttl_s, config.uses_gcs()) == (2.5, 604800, True)
 
 
 def test_unknown_model_id_is_a_clear_error():
