@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SIZE_PATTERN = re.compile(r"^([1-9][0-9]{1,4})x([1-9][0-9]{1,4})$")
 # Pixel dimensions must be a multiple of this, per family: VAE scale (8) x latent patching.
-FAMILY_SIZE_MULTIPLE = {"stable-diffusion": 8, "flux": 16}
+FAMILY_SIZE_MULTIPLE = {"stable-diffusion": 8, "stable-diffusion-xl": 8, "stable-diffusion-3": 16, "flux": 16}
+Family = Literal["stable-diffusion", "stable-diffusion-xl", "stable-diffusion-3", "flux"]
 # Qualities a model may leave out, and the preset they then use.
 QUALITY_FALLBACK = {"low": "standard", "medium": "standard", "high": "hd", "auto": "standard"}
 
@@ -105,7 +106,27 @@ class Batching(Strict):
 
 
 class EngineOptions(Strict):
+    """How the engine loads and speeds up the pipeline. Each is applied where the hardware
+    can do it, and otherwise skipped with the reason in the replica's log."""
+
     num_threads: int | None = Field(None, gt=0, description="torch CPU threads (CPU only).")
+    compile: bool = Field(False, description="torch.compile the denoiser (CUDA only; first calls are slow).")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "max-autotune-no-cudagraphs", description="torch.compile mode."
+    )
+    channels_last: bool = Field(False, description="channels_last memory format for the UNet/VAE.")
+    fuse_qkv: bool = Field(False, description="Fuse attention q/k/v projections (UNet and transformer models).")
+    attention_backend: str | None = Field(
+        None, description='diffusers attention backend for the denoiser: "native", "flash", "_flash_3", "sage", ...'
+    )
+    vae_tiling: bool = Field(False, description="Decode large images in tiles (less memory).")
+    vae_slicing: bool = Field(False, description="Decode a batch one image at a time (less memory).")
+    cpu_offload: Literal["model", "sequential"] | None = Field(
+        None, description="Keep weights on the CPU between uses (small GPUs; slower). CUDA only."
+    )
+    quantization: Literal["fp8", "int8"] | None = Field(
+        None, description="torchao weight quantization of the denoiser: fp8 (compute capability 8.9+) or int8."
+    )
 
 
 def check_deployment_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -145,7 +166,7 @@ class ModelConfig(Strict):
         description="Hub repo id, local directory, gs://bucket/path, or tiny:NAME (built locally)."
     )
     revision: str | None = Field(None, description="Hub revision (commit) to pin.")
-    family: Literal["stable-diffusion", "flux"] = Field(description="Pipeline family.")
+    family: Family = Field(description="Pipeline family.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weights.")
     max_prompt_chars: int = Field(4000, gt=0, description="Longest accepted prompt.")
     sizes: SizeRules

@@ -10,7 +10,8 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from serve_app.config import ModelConfig
-from serve_app.engine.weights import resolve_source
+from serve_app.engine import optimize
+from serve_app.engine.weights import load_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -35,16 +36,17 @@ class DiffusersEngine:
         self.model = model
         if model.engine.num_threads:
             torch.set_num_threads(model.engine.num_threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        hardware = optimize.Hardware.detect()
+        self.device = "cuda" if hardware.cuda else "cpu"
         dtype = DTYPES[model.dtype] if self.device == "cuda" else torch.float32
         if dtype != DTYPES[model.dtype]:
             logger.warning("model %s: %s needs a GPU; running float32 on CPU", model.id, model.dtype)
-        source = resolve_source(model)
         logger.info("model %s: loading %s (%s) on %s", model.id, model.source, dtype, self.device)
-        self.pipeline = DiffusionPipeline.from_pretrained(
-            source, torch_dtype=dtype, revision=model.revision
-        ).to(self.device)
+        self.pipeline: DiffusionPipeline = load_pipeline(model, dtype)
         self.pipeline.set_progress_bar_config(disable=True)
+        self.applied = optimize.apply(
+            self.pipeline, model.engine, optimize.plan(model.engine, hardware), self.device, model.id
+        )
 
     def generate(self, inputs: PipelineInputs) -> list[Image.Image]:
         # One generator per image: its noise depends on its own seed only, whatever else
@@ -64,13 +66,13 @@ class DiffusersEngine:
             return self.pipeline(**kwargs).images
 
     def _family_kwargs(self, inputs: PipelineInputs) -> dict:
-        if self.model.family == "stable-diffusion":
-            if any(inputs.negative_prompts):
-                return {"negative_prompt": [n or "" for n in inputs.negative_prompts]}
-            return {}
-        if self.model.family == "flux":
-            # FLUX is guidance-distilled: guidance_scale is an input, not CFG; the T5 prompt
-            # is capped by its tokenizer (512 on FLUX.1-dev, 256 on schnell).
-            limit = getattr(self.pipeline.tokenizer_2, "model_max_length", 512)
-            return {"max_sequence_length": min(512, limit)}
-        raise ValueError(f"unknown family {self.model.family}")
+        kwargs = {}
+        if self.model.family != "flux" and any(inputs.negative_prompts):
+            # SD, SDXL, SD3: classifier-free guidance against the negative prompt. (FLUX is
+            # guidance-distilled: guidance_scale is an input, and negative prompts are refused.)
+            kwargs["negative_prompt"] = [n or "" for n in inputs.negative_prompts]
+        if self.model.family in ("flux", "stable-diffusion-3"):
+            # The T5 prompt length: capped by its tokenizer (512 on FLUX.1-dev, 256 on schnell).
+            t5 = self.pipeline.tokenizer_2 if self.model.family == "flux" else self.pipeline.tokenizer_3
+            kwargs["max_sequence_length"] = min(512, getattr(t5, "model_max_length", 512))
+        return kwargs

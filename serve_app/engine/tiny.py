@@ -20,6 +20,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
+    CLIPTextModelWithProjection,
     PreTrainedTokenizerFast,
     T5Config,
     T5EncoderModel,
@@ -131,6 +132,83 @@ def build_tiny_sd():
     )
 
 
+def _t5(d_model: int = 32) -> T5EncoderModel:
+    return T5EncoderModel(
+        T5Config(d_model=d_model, d_ff=37, d_kv=8, num_heads=4, num_layers=2, vocab_size=VOCAB_SIZE,
+                 pad_token_id=2, eos_token_id=1, decoder_start_token_id=2)
+    )
+
+
+def build_tiny_sdxl():
+    """SDXL's shape: two CLIP encoders (the second with a projection, for the pooled
+    embedding), a UNet conditioned on both plus size/crop "time ids"."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + 32,  # 6 time ids + pooled text
+        cross_attention_dim=64,  # both encoders' hidden states, concatenated
+        norm_num_groups=8,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        timestep_spacing="leading",
+    )
+    return StableDiffusionXLPipeline(
+        unet=unet,
+        scheduler=scheduler,
+        vae=_vae(latent_channels=4, scaling_factor=0.13025),
+        text_encoder=CLIPTextModel(_clip_config()),
+        tokenizer=_tokenizer(77, bos_eos=True),
+        text_encoder_2=CLIPTextModelWithProjection(_clip_config()),
+        tokenizer_2=_tokenizer(77, bos_eos=True),
+    )
+
+
+def build_tiny_sd3():
+    """SD3's shape: an MMDiT with 2x2 patches over CLIP-L + CLIP-G (pooled) + T5 embeddings."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=2,  # as in SD3/3.5: with the 8x VAE, sides are multiples of 16
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=64,  # T5's width; the CLIP states (32 + 32) are padded to it
+        pooled_projection_dim=64,  # both CLIP projections, concatenated
+        pos_embed_max_size=128,  # up to 2048 px sides
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(latent_channels=4, use_quant_conv=False, use_post_quant_conv=False,
+                 shift_factor=0.0609, scaling_factor=1.5305),
+        text_encoder=CLIPTextModelWithProjection(_clip_config()),
+        tokenizer=_tokenizer(77, bos_eos=True),
+        text_encoder_2=CLIPTextModelWithProjection(_clip_config()),
+        tokenizer_2=_tokenizer(77, bos_eos=True),
+        text_encoder_3=_t5(64),
+        tokenizer_3=_tokenizer(128, bos_eos=False),
+    )
+
+
 def build_tiny_flux():
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
@@ -147,32 +225,21 @@ def build_tiny_flux():
         axes_dims_rope=[4, 12, 16],  # sums to attention_head_dim
         guidance_embeds=True,
     )
-    t5 = T5EncoderModel(
-        T5Config(
-            d_model=32,
-            d_ff=37,
-            d_kv=8,
-            num_heads=4,
-            num_layers=2,
-            vocab_size=VOCAB_SIZE,
-            pad_token_id=2,
-            eos_token_id=1,
-            decoder_start_token_id=2,
-        )
-    )
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=_vae(latent_channels=4, use_quant_conv=False, use_post_quant_conv=False,
                  shift_factor=0.0609, scaling_factor=1.5035),
         text_encoder=CLIPTextModel(_clip_config()),
         tokenizer=_tokenizer(77, bos_eos=True),
-        text_encoder_2=t5,
+        text_encoder_2=_t5(),
         tokenizer_2=_tokenizer(128, bos_eos=False),
         transformer=transformer,
     )
 
 
-TINY_BUILDERS: dict[str, Callable] = {"tiny-sd": build_tiny_sd, "tiny-flux": build_tiny_flux}
+TINY_BUILDERS: dict[str, Callable] = {
+    "tiny-sd": build_tiny_sd, "tiny-sdxl": build_tiny_sdxl, "tiny-sd3": build_tiny_sd3, "tiny-flux": build_tiny_flux,
+}
 # Bump when a builder changes, so caches built by older code are not reused.
 TINY_VERSION = "v2"
 

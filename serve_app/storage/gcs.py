@@ -100,12 +100,7 @@ class GcsImageStore:
         self._retry = DEFAULT_RETRY.with_delay(initial=0.25, maximum=4.0, multiplier=2.0).with_timeout(retry_s)
         if credentials is None:
             credentials, _ = google.auth.default(scopes=SCOPES)
-        emulated = bool(os.environ.get("STORAGE_EMULATOR_HOST"))
-        client = storage.Client(
-            project="artserve-emulator" if emulated else None,
-            credentials=auth_credentials.AnonymousCredentials() if emulated else credentials,
-        )
-        self.bucket = client.bucket(self.bucket_name)
+        self.bucket = gcs_client(credentials).bucket(self.bucket_name)
         if isinstance(credentials, service_account.Credentials):
             self.signing_path, self.signer = "key", credentials
         else:
@@ -144,6 +139,15 @@ class GcsImageStore:
         return blob.generate_signed_url(
             version="v4", method="GET", expiration=timedelta(seconds=self.url_ttl_s), credentials=self.signer
         )
+
+
+def gcs_client(credentials=None) -> storage.Client:
+    """A storage client on application-default credentials, or anonymous on an emulator."""
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        return storage.Client(project="artserve-emulator", credentials=auth_credentials.AnonymousCredentials())
+    if credentials is None:
+        credentials, _ = google.auth.default(scopes=SCOPES)
+    return storage.Client(credentials=credentials)
 
 
 def _service_account_email(credentials) -> str:

@@ -12,22 +12,9 @@ import pytest
 from cryptography.exceptions import InvalidSignature
 
 from serve_app.storage.gcs import GcsImageStore, parse_bucket_url
-from tests.gcs import BUCKET, SERVICE_ACCOUNT, Emulator, FakeGoogle, service_account_key, verify_v4_url
+from tests.gcs import BUCKET, SERVICE_ACCOUNT, FakeGoogle, service_account_key, verify_v4_url
 
 WEBP = b"RIFF\x1a\x00\x00\x00WEBPVP8L fake image bytes"
-
-
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    emulator = Emulator(tmp_path_factory.mktemp("gcs")).start()
-    yield emulator
-    emulator.stop()
-
-
-@pytest.fixture
-def gcs_env(emulator, monkeypatch):
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.host)
-    return emulator
 
 
 @pytest.fixture
