@@ -1,16 +1,25 @@
-"""`python -m serve_app build-tiny`: build the tiny development pipelines into the cache."""
+"""`python -m serve_app build-tiny | validate FILE...`
+
+- `build-tiny`: build the tiny development pipelines into the cache.
+- `validate`: check serve config files (Serve's schema, our app args, every model YAML and
+  every deployment option) and model YAML files, without loading any weights. Exits 1 and
+  names the file and the field at the first problem in each file.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve_app")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("build-tiny", help="build tiny-sd and tiny-flux into the local cache")
+    commands.add_parser("build-tiny", help="build the tiny pipelines into the local cache")
+    validate = commands.add_parser("validate", help="check serve configs and model YAMLs (no weights loaded)")
+    validate.add_argument("files", nargs="+", type=Path, help="serve config files and/or models/*.yaml")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "build-tiny":
@@ -18,7 +27,17 @@ def main(argv: list[str] | None = None) -> int:
 
         for name in TINY_BUILDERS:
             print(f"{name}: {ensure_tiny_model(name)}")
-    return 0
+        return 0
+    from serve_app.validate import validate_file
+
+    failed = 0
+    for path in args.files:
+        try:
+            print(f"ok: {path}: {validate_file(path)}")
+        except ValueError as exc:
+            failed += 1
+            print(f"error: {exc}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ def check_deployment_options(options: dict[str, Any]) -> dict[str, Any]:
         if options.get("autoscaling_config"):  # DeploymentSchema keeps it as a plain dict
             AutoscalingConfig.model_validate(options["autoscaling_config"])
     except ValidationError as exc:
-        raise ValueError(f"invalid Serve deployment options: {_explain(exc)}") from None
+        raise ValueError(f"invalid Serve deployment options: {explain(exc)}") from None
     return options
 
 
@@ -169,6 +169,9 @@ class ModelConfig(Strict):
     family: Family = Field(description="Pipeline family.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weights.")
     max_prompt_chars: int = Field(4000, gt=0, description="Longest accepted prompt.")
+    max_sequence_length: int | None = Field(
+        None, gt=0, le=512, description="T5 prompt tokens (FLUX, SD3); default: the tokenizer's limit, at most 512."
+    )
     sizes: SizeRules
     default_size: str = Field(description='Used for "auto" and when no size is given.')
     default_output_format: Literal["png", "jpeg", "webp"] = "webp"
@@ -199,6 +202,8 @@ class ModelConfig(Strict):
         missing = {"standard", "hd"} - set(self.quality)
         if missing:
             raise ValueError(f"quality presets missing: {sorted(missing)}")
+        if self.max_sequence_length and self.family not in ("flux", "stable-diffusion-3"):
+            raise ValueError("max_sequence_length is for the T5 families (flux, stable-diffusion-3) only")
         if set(self.style) != {"vivid", "natural"}:
             raise ValueError("style presets must define exactly vivid and natural")
         check_deployment_options(self.deployment)
@@ -219,10 +224,10 @@ def load_model_config(path: Path) -> ModelConfig:
     try:
         return ModelConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {_explain(exc)}") from None
+        raise ConfigError(f"{path}: {explain(exc)}") from None
 
 
-def _explain(exc: ValidationError) -> str:
+def explain(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors(include_url=False, include_input=False):
         where = ".".join(str(p) for p in error["loc"]) or "model"
@@ -279,7 +284,7 @@ class AppConfig(Strict):
         try:
             config = cls.model_validate(merged)
         except ValidationError as exc:
-            raise ConfigError(f"app config: {_explain(exc)}") from None
+            raise ConfigError(f"app config: {explain(exc)}") from None
         if config.uses_gcs():
             from serve_app.storage.gcs import parse_bucket_url  # google libraries: only when used
 

@@ -74,5 +74,7 @@ class DiffusersEngine:
         if self.model.family in ("flux", "stable-diffusion-3"):
             # The T5 prompt length: capped by its tokenizer (512 on FLUX.1-dev, 256 on schnell).
             t5 = self.pipeline.tokenizer_2 if self.model.family == "flux" else self.pipeline.tokenizer_3
-            kwargs["max_sequence_length"] = min(512, getattr(t5, "model_max_length", 512))
+            kwargs["max_sequence_length"] = self.model.max_sequence_length or min(
+                512, getattr(t5, "model_max_length", 512)
+            )
         return kwargs
