@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "sk-test-artserve"
 SIGNING_KEY = "integration-signing-key"
 STARTUP_TIMEOUT_S = 240
+EXTRA_FAMILIES = ["tiny-sdxl", "tiny-sd3"]  # served only in the tests (the dev config has tiny-sd, tiny-flux)
 
 
 def _free_port() -> int:
@@ -44,7 +45,7 @@ def _models_dir(work: Path) -> Path:
     small["id"] = "tiny-sd-small"
     small["batching"] = {"max_batch_size": 1, "batch_wait_timeout_s": 0}
     small["deployment"] = {
-        "ray_actor_options": {"num_cpus": 0.25},
+        "ray_actor_options": {"num_cpus": 0.1},
         "max_ongoing_requests": 1,
         "max_queued_requests": 1,
         "backpressure_config": {"status_code": 429, "retry_after_s": 3},
@@ -66,6 +67,10 @@ def _models_dir(work: Path) -> Path:
             },
         }
         (models / f"{model_id}.yaml").write_text(yaml.safe_dump(auto))
+    for model_id in EXTRA_FAMILIES:  # the repo's YAMLs, lighter on logical CPUs (2 in all here)
+        extra = yaml.safe_load((ROOT / "models" / f"{model_id}.yaml").read_text())
+        extra["deployment"] = {"ray_actor_options": {"num_cpus": 0.05}}
+        (models / f"{model_id}.yaml").write_text(yaml.safe_dump(extra))
     gcs = yaml.safe_load((ROOT / "models" / "tiny-flux.yaml").read_text())
     gcs.update(id="tiny-flux-gcs", deployment={"ray_actor_options": {"num_cpus": 0.04}})
     (models / "tiny-flux-gcs.yaml").write_text(yaml.safe_dump(gcs))
@@ -75,7 +80,7 @@ def _models_dir(work: Path) -> Path:
 def _all_models_generate(base_url: str) -> bool:
     """Ready means every working model has made an image, not just that the ingress is up."""
     for prefix, model in [("", "tiny-sd"), ("", "tiny-flux"), ("", "tiny-sd-small"), ("", "tiny-flux-auto"),
-                          ("", "tiny-sd-auto"), ("/gcs", "tiny-flux-gcs")]:
+                          ("", "tiny-sd-auto"), ("/gcs", "tiny-flux-gcs"), *(("", m) for m in EXTRA_FAMILIES)]:
         try:
             r = httpx.post(f"{base_url}{prefix}/v1/images/generations", timeout=30,
                            headers={"Authorization": f"Bearer {API_KEY}"},
@@ -106,7 +111,7 @@ def server(tmp_path_factory) -> Server:
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     storage = work / "images"
     app = config["applications"][0]
-    app["args"]["models"] += ["tiny-sd-small", "tiny-broken", "tiny-flux-auto", "tiny-sd-auto"]
+    app["args"]["models"] += ["tiny-sd-small", "tiny-broken", "tiny-flux-auto", "tiny-sd-auto", *EXTRA_FAMILIES]
     app["args"].update(models_dir=str(_models_dir(work)), storage=str(storage))
     config["applications"].append({
         **app, "name": "gcs", "route_prefix": "/gcs",

@@ -1,0 +1,188 @@
+"""The deployment files, validated offline: KubeRay manifests against the real CRD schemas
+(unknown fields rejected), core objects against Kubernetes' own schemas, serveConfigV2
+against Serve's schema and ours, cluster.yaml with Ray's own launcher checks; broken copies fail."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from serve_app.validate import validate_serve_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CRDS = ROOT.parent / "shared" / "schemas" / "kuberay"
+K8S_VERSION = "1.32"
+VARIANTS = {"rayservice.yaml": "serve_config.production.yaml", "rayservice-dev.yaml": "serve_config.yaml"}
+
+
+def strict(schema):
+    """additionalProperties: false on every object that lists properties and does not
+    preserve unknown fields (the API server would silently prune a typo)."""
+    if isinstance(schema, dict):
+        if (schema.get("type") == "object" and "properties" in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema.setdefault("additionalProperties", False)
+        for value in schema.values():
+            strict(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            strict(value)
+    return schema
+
+
+def crd_validator(kind: str) -> jsonschema.Draft7Validator:
+    crd = yaml.safe_load((CRDS / f"ray.io_{kind}.yaml").read_text())
+    [v1] = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return jsonschema.Draft7Validator(strict(copy.deepcopy(v1["schema"]["openAPIV3Schema"])))
+
+
+RAYSERVICE = crd_validator("rayservices")
+
+
+def manifests(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((ROOT / "k8s" / name).read_text()) if d]
+
+
+def rayservice_errors(doc: dict) -> list[str]:
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in RAYSERVICE.iter_errors(doc)]
+
+
+def pods(service: dict) -> list[dict]:
+    cluster = service["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
+    return [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": g["template"]["spec"]}
+            for g in groups]
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_rayservice_validates_strictly_against_kuberay_crd(name):
+    [service] = manifests(name)
+    assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
+    assert rayservice_errors(service) == []
+    assert service["spec"]["rayClusterConfig"]["rayVersion"] == "2.60.0"
+    for pod in pods(service):  # the pod templates are core Kubernetes: check them as Pods
+        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+        for container in pod["spec"]["containers"]:
+            assert container["resources"]["requests"] and container["resources"]["limits"], container["name"]
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_serve_config_v2_is_the_repo_serve_config_and_passes_validate(name):
+    [service] = manifests(name)
+    embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
+    source = yaml.safe_load((ROOT / VARIANTS[name]).read_text())
+    source["http_options"]["host"] = "0.0.0.0"  # inside a pod, Serve listens on every interface
+    assert embedded == source, f"k8s/{name} serveConfigV2 drifted from {VARIANTS[name]}: copy it over"
+    summary = validate_serve_config(embedded, Path(name))  # Serve's schema + every model YAML + options
+    for app in embedded["applications"]:
+        module, attribute = app["import_path"].split(":")
+        assert callable(getattr(importlib.import_module(module), attribute))
+        for model in app["args"]["models"]:
+            assert (ROOT / "models" / f"{model}.yaml").is_file()
+            assert model in summary
+
+
+def test_production_cluster_shape():
+    [service] = manifests("rayservice.yaml")
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    gpu = [g for g in cluster["workerGroupSpecs"] if g["groupName"].startswith("gpu-")]
+    assert {g["groupName"] for g in gpu} == {"gpu-l4", "gpu-h100"}
+    for group in gpu:
+        spec = group["template"]["spec"]
+        assert group["minReplicas"] == 0 and group["maxReplicas"] > 0
+        assert spec["restartPolicy"] == "Never"
+        assert spec["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert "cloud.google.com/gke-accelerator" in spec["nodeSelector"]
+    # Every model's accelerator has a pool.
+    accelerators = {"L4": "nvidia-l4", "H100": "nvidia-h100-80gb"}
+    pools = {g["template"]["spec"]["nodeSelector"]["cloud.google.com/gke-accelerator"] for g in gpu}
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    for model in config["applications"][0]["args"]["models"]:
+        options = yaml.safe_load((ROOT / "models" / f"{model}.yaml").read_text())["deployment"]
+        assert accelerators[options["ray_actor_options"]["accelerator_type"]] in pools, model
+
+
+def test_common_objects_validate_against_kubernetes_schemas():
+    docs = manifests("common.yaml")
+    kinds = [d["kind"] for d in docs]
+    assert kinds == ["Namespace", "ServiceAccount", "Service", "Ingress", "BackendConfig"]
+    for doc in docs[:-1]:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    account = docs[1]
+    assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")
+    # BackendConfig is GKE's CRD (no schema here): check what matters by hand.
+    backend = docs[-1]
+    assert backend["metadata"]["name"] in docs[2]["metadata"]["annotations"]["cloud.google.com/backend-config"]
+    assert backend["spec"]["timeoutSec"] >= 600 and backend["spec"]["healthCheck"]["requestPath"] == "/-/healthz"
+    assert docs[3]["spec"]["defaultBackend"]["service"]["name"] == docs[2]["metadata"]["name"]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda s: s["spec"]["rayClusterConfig"].update(enableInTreeAutoscalng=True), "enableInTreeAutoscalng"),
+        (lambda s: s["spec"]["rayClusterConfig"]["workerGroupSpecs"][1].pop("maxReplicas"), "maxReplicas"),
+        (lambda s: s["spec"]["rayClusterConfig"]["headGroupSpec"].update(rayStartParam={}), "rayStartParam"),
+    ],
+)
+def test_a_broken_rayservice_fails(change, expected):
+    [service] = manifests("rayservice.yaml")
+    change(service)
+    errors = rayservice_errors(service)
+    assert errors and expected in " ".join(errors)
+
+
+def test_a_broken_pod_template_and_core_object_fail():
+    [service] = manifests("rayservice.yaml")
+    pod = pods(service)[2]
+    pod["spec"]["containers"][0]["resource"] = pod["spec"]["containers"][0].pop("resources")
+    with pytest.raises(kubernetes_validate.ValidationError, match="resource"):
+        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+    ingress = manifests("common.yaml")[3]
+    ingress["spec"]["defaultBackend"]["service"]["prot"] = ingress["spec"]["defaultBackend"]["service"].pop("port")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(ingress, K8S_VERSION, strict=True)
+
+
+def cluster_config() -> dict:
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+def check_cluster(config: dict) -> dict:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(config)
+    validate_config(prepared)
+    return prepared
+
+
+def test_cluster_yaml_passes_rays_own_checks():
+    prepared = check_cluster(cluster_config())
+    types = prepared["available_node_types"]
+    assert types["head"]["resources"] == {"CPU": 0}
+    assert types["gpu_l4"]["min_workers"] == 0 and types["gpu_h100"]["min_workers"] == 0
+    assert any('"ray[serve,default]==2.60.0"' in command for command in prepared["setup_commands"])
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda c: c["available_node_types"]["gpu_l4"].update(max_worker=3),
+        lambda c: c.update(head_node_typ=c.pop("head_node_type")),
+        lambda c: c.update(idle_timeout_minute=5),
+    ],
+)
+def test_a_broken_cluster_yaml_fails(change):
+    config = cluster_config()
+    change(config)
+    with pytest.raises(Exception, match="unexpected|head_node_typ|required"):
+        check_cluster(config)
