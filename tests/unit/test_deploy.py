@@ -184,5 +184,5 @@ def test_cluster_yaml_passes_rays_own_checks():
 def test_a_broken_cluster_yaml_fails(change):
     config = cluster_config()
     change(config)
-    with pytest.raises(Exception, match="unexpected|head_node_typ|required"):
+    with pytest.raises(Exception, match=r"unexpected|head_node_typ|required"):
         check_cluster(config)

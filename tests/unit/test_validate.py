@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-REPO_CONFIGS = sorted(ROOT.glob("models/*.yaml")) + [ROOT / "serve_config.yaml", ROOT / "benchmarks/serve_config.yaml"]
+REPO_CONFIGS = [*sorted(ROOT.glob("models/*.yaml")), ROOT / "serve_config.yaml", ROOT / "serve_config.production.yaml",
+                ROOT / "benchmarks/serve_config.yaml"]
 
 
 def validate(*paths: Path) -> subprocess.CompletedProcess:
