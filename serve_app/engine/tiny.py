@@ -96,11 +96,11 @@ def _vae(latent_channels: int, **kwargs):
     )
 
 
-def build_tiny_sd():
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def _unet(**kwargs):
+    """A two-level UNet (the SD/SDXL shape); `kwargs`: conditioning and attention settings."""
+    from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         block_out_channels=(16, 32),
         layers_per_block=1,
         sample_size=32,
@@ -108,6 +108,15 @@ def build_tiny_sd():
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **kwargs,
+    )
+
+
+def build_tiny_sd():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(0)
+    unet = _unet(
         cross_attention_dim=32,
         attention_head_dim=8,
         norm_num_groups=8,
@@ -142,18 +151,11 @@ def _t5(d_model: int = 32) -> T5EncoderModel:
 def build_tiny_sdxl():
     """SDXL's shape: two CLIP encoders (the second with a projection, for the pooled
     embedding), a UNet conditioned on both plus size/crop "time ids"."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     torch.manual_seed(0)
     time_embed_dim = 8
-    unet = UNet2DConditionModel(
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = _unet(
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",

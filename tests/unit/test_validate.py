@@ -26,10 +26,10 @@ def test_every_config_in_the_repo_passes():
         assert f"model {model} " in result.stdout
 
 
-def broken_model(tmp_path: Path, change) -> Path:
-    data = yaml.safe_load((ROOT / "models/flux-dev.yaml").read_text())
+def broken_copy(tmp_path: Path, source: str, change) -> Path:
+    data = yaml.safe_load((ROOT / source).read_text())
     change(data)
-    path = tmp_path / "flux-dev.yaml"
+    path = tmp_path / Path(source).name
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -47,20 +47,12 @@ def broken_model(tmp_path: Path, change) -> Path:
     ],
 )
 def test_a_broken_model_fails_naming_file_and_field(tmp_path, change, message):
-    path = broken_model(tmp_path, change)
+    path = broken_copy(tmp_path, "models/flux-dev.yaml", change)
     result = validate(path)
     assert result.returncode == 1
     assert f"error: {path}:" in result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def broken_serve_config(tmp_path: Path, change) -> Path:
-    data = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    change(data)
-    path = tmp_path / "serve.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 @pytest.mark.parametrize(
@@ -78,7 +70,7 @@ def broken_serve_config(tmp_path: Path, change) -> Path:
     ],
 )
 def test_a_broken_serve_config_fails_naming_file_and_field(tmp_path, change, message):
-    path = broken_serve_config(tmp_path, change)
+    path = broken_copy(tmp_path, "serve_config.yaml", change)
     result = validate(path)
     assert result.returncode == 1, result.stdout
     assert f"error: {path}:" in result.stderr
