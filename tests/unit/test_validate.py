@@ -1,6 +1,7 @@
 """`python -m serve_app validate`: every config in the repo passes; broken copies fail with
 the file and the field named."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,11 @@ def test_a_broken_serve_config_fails_naming_file_and_field(tmp_path, change, mes
     assert result.returncode == 1, result.stdout
     assert f"error: {path}:" in result.stderr
     assert message in result.stderr
+
+
+def test_hub_models_pin_a_commit():
+    """A redeploy must never pull different weights by surprise."""
+    for path in ROOT.glob("models/*.yaml"):
+        data = yaml.safe_load(path.read_text())
+        if not data["source"].startswith(("tiny:", "gs://", "/", ".")):
+            assert re.fullmatch(r"[0-9a-f]{40}", str(data.get("revision"))), path.name
