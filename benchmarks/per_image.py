@@ -19,7 +19,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ["tiny-sd", "tiny-flux"]
+MODELS = ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux"]
 QUALITIES = ["standard", "hd"]
 
 
@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--url", help="a running server's /v1 base URL")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sizes", nargs="+", default=["256x256", "1024x1024"])
+    parser.add_argument("--models", nargs="+", default=MODELS)
     args = parser.parse_args()
 
     from serve_app.config import load_model_config
@@ -65,7 +66,7 @@ def main() -> None:
         client = openai.OpenAI(base_url=args.url, api_key=os.environ.get("OPENAI_API_KEY", "none"), timeout=900)
     print("| model | size | quality | direct s/image | HTTP s/image | HTTP - direct (ms) |")
     print("|---|---|---|---|---|---|", flush=True)
-    for model_id in MODELS:
+    for model_id in args.models:
         engine = DiffusersEngine(load_model_config(ROOT / "models" / f"{model_id}.yaml"))
         for size in args.sizes:
             for quality in QUALITIES:

@@ -64,3 +64,24 @@ def test_hub_source_offline_says_what_to_do(monkeypatch):
 def test_local_directory_without_a_pipeline(tmp_path):
     with pytest.raises(WeightsUnavailable, match=r"model tiny-sd: .* \(no model_index.json\)"):
         resolve_source(model(str(tmp_path)))
+
+
+def test_hub_loads_use_hf_token_and_the_cache_and_explain_gated_repos(monkeypatch):
+    """The Hub is unreachable here: stand in for it at from_pretrained, the boundary."""
+    from diffusers import DiffusionPipeline
+
+    seen = {}
+
+    def gated(source, **kwargs):
+        seen.update(kwargs, source=source)
+        raise OSError("401 Client Error. Cannot access gated repo for url https://huggingface.co/...")
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", gated)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    monkeypatch.setenv("ARTSERVE_HF_CACHE", "/cache/hf")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    flux = load_model_config(MODELS / "flux-dev.yaml")
+    with pytest.raises(WeightsUnavailable, match=r"gated or private.*HF_TOKEN"):
+        load_pipeline(flux, dtype=None)
+    assert seen == {"source": "black-forest-labs/FLUX.1-dev", "torch_dtype": None, "revision": flux.revision,
+                    "token": "hf_test_token", "cache_dir": "/cache/hf"}
