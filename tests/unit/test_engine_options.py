@@ -54,7 +54,7 @@ def test_on_cpu_the_gpu_only_options_are_skipped_with_reasons():
     assert skipped(plan(EngineOptions(attention_backend="native"), CPU)) == {}
 
 
-@pytest.mark.parametrize("model_id", ["tiny-sdxl", "tiny-sd3"])
+@pytest.mark.parametrize("model_id", ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
 def test_cpu_options_are_applied_and_keep_the_image(model_id, caplog):
     from serve_app.engine.pipeline import DiffusersEngine, PipelineInputs
 
