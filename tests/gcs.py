@@ -95,8 +95,9 @@ def verify_v4_url(url: str, public_key: rsa.RSAPublicKey) -> dict[str, str]:
 
 
 class FakeGoogle:
-    """The OAuth token endpoint and the IAM Credentials `signBlob` method, over real HTTP.
-    Records every request; signs with its own key; can fail the next N signBlob calls."""
+    """The OAuth token endpoint, the GCE/GKE metadata server (what Workload Identity looks
+    like from a pod) and the IAM Credentials `signBlob` method, over real HTTP. Records every
+    request; signs with its own key; can fail the next N signBlob calls."""
 
     def __init__(self, token_lifetime_s: int = 3600):
         self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -130,9 +131,36 @@ class FakeGoogle:
                 data = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
+                self.send_header("Metadata-Flavor", "Google")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            def do_GET(self):  # the metadata server
+                if self.headers.get("Metadata-Flavor") != "Google":
+                    return self._reply(403, {"error": "missing Metadata-Flavor"})
+                path = self.path.split("?")[0]
+                if path in ("/", "/computeMetadata/v1/"):
+                    return self._reply(200, {})
+                if path.endswith("/service-accounts/default/"):
+                    return self._reply(200, {"email": SERVICE_ACCOUNT, "aliases": ["default"],
+                                             "scopes": ["https://www.googleapis.com/auth/cloud-platform"]})
+                if path.endswith("/service-accounts/default/token"):
+                    fake.tokens_issued += 1
+                    return self._reply(200, {"access_token": f"token-{fake.tokens_issued}",
+                                             "expires_in": fake.token_lifetime_s, "token_type": "Bearer"})
+                if path.endswith("/project/project-id"):
+                    return self._text("artserve-test")
+                if path.endswith("/universe/universe-domain"):
+                    return self._text("googleapis.com")
+                return self._reply(404, {"error": path})
+
+            def _text(self, text: str) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Metadata-Flavor", "Google")
+                self.end_headers()
+                self.wfile.write(text.encode())
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))

@@ -4,8 +4,12 @@ keyless through a local IAM Credentials server."""
 from __future__ import annotations
 
 import logging
+import os
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -141,3 +145,29 @@ def test_outage_fails_within_the_retry_budget_then_recovers(key_store, emulator)
     finally:
         emulator.start()
     assert httpx.get(store.put(WEBP, "webp", "")).content == WEBP  # same store, no restart
+
+
+KEYLESS_SCRIPT = """
+from serve_app.storage.gcs import GcsImageStore
+store = GcsImageStore("gs://artserve-test/wi", url_ttl_s=3600)
+print(store.signing_path, store.signer.signer_email)
+print(store.put(b"image bytes", "png", ""))
+"""
+
+
+def test_workload_identity_discovers_its_service_account_and_signs_keyless(emulator, fake_google, tmp_path):
+    """As in a GKE pod: no key file, credentials and the account's email from the metadata
+    server, links signed by signBlob. A fresh interpreter: google-auth reads the metadata
+    server's address when it is imported."""
+    host = fake_google.url.removeprefix("http://")
+    env = {k: v for k, v in os.environ.items() if k != "GOOGLE_APPLICATION_CREDENTIALS"}
+    env.update(HOME=str(tmp_path), GCE_METADATA_HOST=host, GCE_METADATA_IP=host, STORAGE_EMULATOR_HOST=emulator.host,
+               ARTSERVE_IAM_ENDPOINT=fake_google.url, CLOUDSDK_CONFIG=str(tmp_path / "gcloud"))
+    result = subprocess.run([sys.executable, "-c", KEYLESS_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stderr
+    path_line, url = result.stdout.strip().splitlines()
+    assert path_line == f"signBlob {SERVICE_ACCOUNT}"
+    verify_v4_url(url, fake_google.public_key)
+    assert httpx.get(url).content == b"image bytes"
+    assert fake_google.sign_requests[0]["authorization"].startswith("Bearer token-")
