@@ -1,11 +1,14 @@
-"""The deployment files, validated offline: KubeRay manifests against the real CRD schemas
-(unknown fields rejected), core objects against Kubernetes' own schemas, serveConfigV2
-against Serve's schema and ours, cluster.yaml with Ray's own launcher checks; broken copies fail."""
+"""The deployment files, validated offline: each kustomize variant as `kubectl apply -k` would
+apply it — the RayService against KubeRay's real CRD schema (unknown fields rejected), core
+objects and pod templates against Kubernetes' own schemas, serveConfigV2 against Serve's schema
+and ours — and cluster.yaml with Ray's own launcher checks. Broken copies fail."""
 
 from __future__ import annotations
 
 import copy
 import importlib
+import shutil
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -18,7 +21,7 @@ from serve_app.validate import validate_serve_config
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT.parent / "shared" / "schemas" / "kuberay"
 K8S_VERSION = "1.32"
-VARIANTS = {"rayservice.yaml": "serve_config.production.yaml", "rayservice-dev.yaml": "serve_config.yaml"}
+VARIANTS = {"production": "serve_config.production.yaml", "dev": "serve_config.yaml"}  # k8s/<variant>
 
 
 def strict(schema):
@@ -45,8 +48,19 @@ def crd_validator(kind: str) -> jsonschema.Draft7Validator:
 RAYSERVICE = crd_validator("rayservices")
 
 
-def manifests(name: str) -> list[dict]:
-    return [d for d in yaml.safe_load_all((ROOT / "k8s" / name).read_text()) if d]
+def render(variant: str) -> list[dict]:
+    """`kubectl kustomize k8s/<variant>`: exactly what `kubectl apply -k` sends."""
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        pytest.fail("kubectl (with its built-in kustomize) renders k8s/: install Debian's kubectl package")
+    out = subprocess.run([kubectl, "kustomize", str(ROOT / "k8s" / variant)], capture_output=True, text=True,
+                         timeout=60, check=True)
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def rayservice(variant: str) -> dict:
+    [service] = [d for d in render(variant) if d["kind"] == "RayService"]
+    return service
 
 
 def rayservice_errors(doc: dict) -> list[str]:
@@ -62,7 +76,7 @@ def pods(service: dict) -> list[dict]:
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_rayservice_validates_strictly_against_kuberay_crd(name):
-    [service] = manifests(name)
+    service = rayservice(name)
     assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
     assert rayservice_errors(service) == []
     assert service["spec"]["rayClusterConfig"]["rayVersion"] == "2.60.0"
@@ -74,11 +88,11 @@ def test_rayservice_validates_strictly_against_kuberay_crd(name):
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_serve_config_v2_is_the_repo_serve_config_and_passes_validate(name):
-    [service] = manifests(name)
+    service = rayservice(name)
     embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
     source = yaml.safe_load((ROOT / VARIANTS[name]).read_text())
     source["http_options"]["host"] = "0.0.0.0"  # inside a pod, Serve listens on every interface
-    assert embedded == source, f"k8s/{name} serveConfigV2 drifted from {VARIANTS[name]}: copy it over"
+    assert embedded == source, f"k8s/{name}'s serveConfigV2 drifted from {VARIANTS[name]}: copy it over"
     summary = validate_serve_config(embedded, Path(name))  # Serve's schema + every model YAML + options
     for app in embedded["applications"]:
         module, attribute = app["import_path"].split(":")
@@ -89,7 +103,7 @@ def test_serve_config_v2_is_the_repo_serve_config_and_passes_validate(name):
 
 
 def test_production_cluster_shape():
-    [service] = manifests("rayservice.yaml")
+    service = rayservice("production")
     cluster = service["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
@@ -111,12 +125,23 @@ def test_production_cluster_shape():
         assert accelerators[options["ray_actor_options"]["accelerator_type"]] in pools, model
 
 
-def test_common_objects_validate_against_kubernetes_schemas():
-    docs = manifests("common.yaml")
-    kinds = [d["kind"] for d in docs]
-    assert kinds == ["Namespace", "ServiceAccount", "Service", "Ingress", "BackendConfig"]
-    for doc in docs[:-1]:
-        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+def test_dev_variant_is_cpu_only():
+    cluster = rayservice("dev")["spec"]["rayClusterConfig"]
+    assert cluster["workerGroupSpecs"] == [] and cluster["enableInTreeAutoscaling"] is False
+    [container] = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    assert {"name": "ARTSERVE_STORAGE", "value": "/cache/images"} in container["env"]
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_common_objects_validate_against_kubernetes_schemas(name):
+    docs = [d for d in render(name) if d["kind"] != "RayService"]
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["BackendConfig", "Ingress", "Namespace", "Service", "ServiceAccount"]
+    docs = {d["kind"]: d for d in docs}
+    for kind in ["Namespace", "ServiceAccount", "Service", "Ingress"]:
+        kubernetes_validate.validate(docs[kind], K8S_VERSION, strict=True)
+    docs = [docs[k] for k in ["Namespace", "ServiceAccount", "Service", "Ingress", "BackendConfig"]]
     account = docs[1]
     assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")
     # BackendConfig is GKE's CRD (no schema here): check what matters by hand.
@@ -135,19 +160,18 @@ def test_common_objects_validate_against_kubernetes_schemas():
     ],
 )
 def test_a_broken_rayservice_fails(change, expected):
-    [service] = manifests("rayservice.yaml")
+    service = rayservice("production")
     change(service)
     errors = rayservice_errors(service)
     assert errors and expected in " ".join(errors)
 
 
 def test_a_broken_pod_template_and_core_object_fail():
-    [service] = manifests("rayservice.yaml")
-    pod = pods(service)[2]
+    pod = pods(rayservice("production"))[2]
     pod["spec"]["containers"][0]["resource"] = pod["spec"]["containers"][0].pop("resources")
     with pytest.raises(kubernetes_validate.ValidationError, match="resource"):
         kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
-    ingress = manifests("common.yaml")[3]
+    [ingress] = [d for d in render("production") if d["kind"] == "Ingress"]
     ingress["spec"]["defaultBackend"]["service"]["prot"] = ingress["spec"]["defaultBackend"]["service"].pop("port")
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(ingress, K8S_VERSION, strict=True)
