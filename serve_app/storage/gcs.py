@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import logging
 import os
 import re
@@ -79,7 +78,7 @@ class IamSigner(auth_credentials.Signing):
         )
         if response.status_code != 200:
             raise api_exceptions.from_http_status(response.status_code, f"IAM signBlob: {response.text[:200]}")
-        return base64.b64decode(json.loads(response.text)["signedBlob"])
+        return base64.b64decode(response.json()["signedBlob"])
 
 
 class GcsImageStore:
