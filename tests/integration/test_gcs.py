@@ -53,3 +53,10 @@ def test_bucket_outage_is_a_503_then_recovers_without_a_restart(server, gcs_clie
         server.emulator.start()
     image = gcs_client.images.generate(**REQUEST, extra_body=STEPS).data[0]
     assert httpx.get(image.url).status_code == 200
+
+
+def test_a_gcs_app_serves_no_local_files(server):
+    """With a bucket, the ingress's local file route answers 404 in the envelope, not a 500."""
+    response = httpx.get(f"{server.base_url}/gcs/v1/files/images/2026/11/23/{'0' * 32}.png?expires=1&signature=x")
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "invalid_request_error"
