@@ -15,8 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SIZE_PATTERN = re.compile(r"^([1-9][0-9]{1,4})x([1-9][0-9]{1,4})$")
 # Pixel dimensions must be a multiple of this, per family: VAE scale (8) x latent patching.
-FAMILY_SIZE_MULTIPLE = {"stable-diffusion": 8, "stable-diffusion-xl": 8, "stable-diffusion-3": 16, "flux": 16}
-Family = Literal["stable-diffusion", "stable-diffusion-xl", "stable-diffusion-3", "flux"]
+# "generic": any other diffusers text-to-image pipeline, called with the standard arguments
+# (its patching rule, if any, goes in sizes.multiple_of).
+FAMILY_SIZE_MULTIPLE = {"stable-diffusion": 8, "stable-diffusion-xl": 8, "stable-diffusion-3": 16, "flux": 16,
+                        "generic": 8}
+Family = Literal["stable-diffusion", "stable-diffusion-xl", "stable-diffusion-3", "flux", "generic"]
 # Qualities a model may leave out, and the preset they then use.
 QUALITY_FALLBACK = {"low": "standard", "medium": "standard", "high": "hd", "auto": "standard"}
 
@@ -170,7 +173,7 @@ class ModelConfig(Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weights.")
     max_prompt_chars: int = Field(4000, gt=0, description="Longest accepted prompt.")
     max_sequence_length: int | None = Field(
-        None, gt=0, le=512, description="T5 prompt tokens (FLUX, SD3); default: the tokenizer's limit, at most 512."
+        None, gt=0, le=512, description="T5 prompt tokens (FLUX, SD3: default the tokenizer's, at most 512; generic)."
     )
     sizes: SizeRules
     default_size: str = Field(description='Used for "auto" and when no size is given.')
@@ -202,8 +205,8 @@ class ModelConfig(Strict):
         missing = {"standard", "hd"} - set(self.quality)
         if missing:
             raise ValueError(f"quality presets missing: {sorted(missing)}")
-        if self.max_sequence_length and self.family not in ("flux", "stable-diffusion-3"):
-            raise ValueError("max_sequence_length is for the T5 families (flux, stable-diffusion-3) only")
+        if self.max_sequence_length and self.family not in ("flux", "stable-diffusion-3", "generic"):
+            raise ValueError("max_sequence_length is for T5-encoded pipelines (flux, stable-diffusion-3, generic)")
         if set(self.style) != {"vivid", "natural"}:
             raise ValueError("style presets must define exactly vivid and natural")
         check_deployment_options(self.deployment)

@@ -77,4 +77,6 @@ class DiffusersEngine:
             kwargs["max_sequence_length"] = self.model.max_sequence_length or min(
                 512, getattr(t5, "model_max_length", 512)
             )
+        elif self.model.max_sequence_length:  # generic pipelines: only when the YAML says so
+            kwargs["max_sequence_length"] = self.model.max_sequence_length
         return kwargs

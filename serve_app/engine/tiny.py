@@ -239,8 +239,27 @@ def build_tiny_flux():
     )
 
 
+def build_tiny_pixart():
+    """A pipeline of none of the named families (PixArt-Sigma: a DiT over T5 embeddings), to
+    prove that any diffusers text-to-image pipeline directory is servable as `family: generic`."""
+    from diffusers import DDIMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        sample_size=32, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=4,
+        caption_channels=32, in_channels=4, cross_attention_dim=32, out_channels=8, attention_bias=True,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6,
+    )
+    return PixArtSigmaPipeline(
+        tokenizer=_tokenizer(128, bos_eos=False), text_encoder=_t5(), vae=_vae(latent_channels=4),
+        transformer=transformer, scheduler=DDIMScheduler(),
+    )
+
+
 TINY_BUILDERS: dict[str, Callable] = {
     "tiny-sd": build_tiny_sd, "tiny-sdxl": build_tiny_sdxl, "tiny-sd3": build_tiny_sd3, "tiny-flux": build_tiny_flux,
+    "tiny-pixart": build_tiny_pixart,
 }
 # Bump when a builder changes, so caches built by older code are not reused.
 TINY_VERSION = "v2"

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "sk-test-artserve"
 SIGNING_KEY = "integration-signing-key"
 STARTUP_TIMEOUT_S = 240
-EXTRA_FAMILIES = ["tiny-sdxl", "tiny-sd3"]  # served only in the tests (the dev config has tiny-sd, tiny-flux)
+# Served only in the tests (the dev config has tiny-sd and tiny-flux).
+EXTRA_FAMILIES = ["tiny-sdxl", "tiny-sd3", "tiny-pixart"]
 
 
 def _free_port() -> int:

@@ -1,6 +1,7 @@
 """Every family in the catalog through the real Serve app and the OpenAI SDK, on its tiny
 variant: SD (UNet + CLIP), SDXL (two CLIP encoders), SD3 (CLIP-L + CLIP-G + T5), FLUX
-(CLIP + T5) — negative prompts, seeds, sizes, n=2 and quality presets."""
+(CLIP + T5), and a pipeline of none of them served as `generic` (PixArt-Sigma) — negative
+prompts, seeds, sizes, n=2 and quality presets."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from PIL import Image
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-FAMILIES = ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux"]
+FAMILIES = ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-pixart"]
 
 
 def generate(client, model, **kwargs):

@@ -12,7 +12,8 @@ MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
 FAMILIES = {"tiny-sd": "StableDiffusionPipeline", "tiny-sdxl": "StableDiffusionXLPipeline",
-            "tiny-sd3": "StableDiffusion3Pipeline", "tiny-flux": "FluxPipeline"}
+            "tiny-sd3": "StableDiffusion3Pipeline", "tiny-flux": "FluxPipeline",
+            "tiny-pixart": "PixArtSigmaPipeline"}  # family: generic
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
