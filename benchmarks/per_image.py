@@ -19,7 +19,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux"]
+MODELS = ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-pixart"]
 QUALITIES = ["standard", "hd"]
 
 
