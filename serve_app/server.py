@@ -67,10 +67,10 @@ class ModelServer:
         logger.addFilter(_QuietBatchConcurrencyWarning())
         self.model = model
         self.metrics = ModelMetrics(model.id)
+        self.store: ImageStore = open_store(app)  # first: a storage mistake fails in seconds, not after the weights
         started = time.monotonic()
         self.engine = DiffusersEngine(model)
         logger.info("model %s loaded in %.1fs", model.id, time.monotonic() - started)
-        self.store: ImageStore = open_store(app)
         self._pipeline_thread = ThreadPoolExecutor(1, thread_name_prefix="pipeline")
         self._encoders = ThreadPoolExecutor(4, thread_name_prefix="encode")  # encoding + uploads
         self._fatal: str | None = None
