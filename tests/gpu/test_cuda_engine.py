@@ -11,7 +11,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
-@pytest.mark.parametrize("model_id", ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize("model_id", ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-pixart"])
 def test_float16_on_cuda_reproduces_per_seed(model_id):
     from serve_app.config import load_model_config
     from serve_app.engine.pipeline import DiffusersEngine, PipelineInputs
