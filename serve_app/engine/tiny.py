@@ -112,6 +112,12 @@ def _unet(**kwargs):
     )
 
 
+def _flow_vae(scaling_factor: float):
+    """The flow-matching families' VAE (SD3, FLUX): no quant convs, a shift and a scale."""
+    return _vae(latent_channels=4, use_quant_conv=False, use_post_quant_conv=False,
+                shift_factor=0.0609, scaling_factor=scaling_factor)
+
+
 def build_tiny_sd():
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -200,8 +206,7 @@ def build_tiny_sd3():
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=_vae(latent_channels=4, use_quant_conv=False, use_post_quant_conv=False,
-                 shift_factor=0.0609, scaling_factor=1.5305),
+        vae=_flow_vae(scaling_factor=1.5305),
         text_encoder=CLIPTextModelWithProjection(_clip_config()),
         tokenizer=_tokenizer(77, bos_eos=True),
         text_encoder_2=CLIPTextModelWithProjection(_clip_config()),
@@ -229,8 +234,7 @@ def build_tiny_flux():
     )
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=_vae(latent_channels=4, use_quant_conv=False, use_post_quant_conv=False,
-                 shift_factor=0.0609, scaling_factor=1.5035),
+        vae=_flow_vae(scaling_factor=1.5035),
         text_encoder=CLIPTextModel(_clip_config()),
         tokenizer=_tokenizer(77, bos_eos=True),
         text_encoder_2=_t5(),

@@ -24,3 +24,17 @@ def test_float16_on_cuda_reproduces_per_seed(model_id):
     assert [im.size for im in first] == [(512, 512)] * 2
     assert np.array_equal(np.asarray(first[0]), np.asarray(second[0]))
     assert not np.array_equal(np.asarray(first[0]), np.asarray(first[1]))
+
+
+def test_gpu_loading_options_apply_and_generate():
+    """The options a CPU skips: CPU offload, the attention backend and (with torchao) int8."""
+    from serve_app.config import EngineOptions, load_model_config
+    from serve_app.engine.pipeline import DiffusersEngine, PipelineInputs
+
+    options = EngineOptions(cpu_offload="model", attention_backend="native", fuse_qkv=True, vae_tiling=True,
+                            quantization="int8")
+    config = load_model_config(MODELS / "tiny-sdxl.yaml").model_copy(update={"dtype": "float16", "engine": options})
+    engine = DiffusersEngine(config)
+    assert {"cpu_offload", "attention_backend=native", "fuse_qkv", "vae_tiling"} <= set(engine.applied)
+    [image] = engine.generate(PipelineInputs(512, 512, 4, 5.0, ["a fox"], [None], [1]))
+    assert image.size == (512, 512)
