@@ -104,8 +104,15 @@ class Limits(Strict):
 
 
 class Batching(Strict):
-    max_batch_size: int = Field(4, gt=0, description="Images per pipeline call, at most.")
-    batch_wait_timeout_s: float = Field(0.02, ge=0, description="Wait to fill a batch.")
+    mode: Literal["step", "call"] = Field(
+        "step",
+        description="step: ArtServe runs the denoising loop; images join and leave the running batch at step "
+        "boundaries. call: one whole pipeline call per batch (same size, steps and guidance). `generic` "
+        "pipelines always use call.",
+    )
+    max_batch_size: int = Field(
+        4, gt=0, description="Images per denoiser call (step mode) or pipeline call (call mode), at most."
+    )
 
 
 class EngineOptions(Strict):

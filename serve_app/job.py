@@ -21,6 +21,7 @@ class GenerationJob:
     output_compression: int
     response_format: str  # "url" or "b64_json"
     base_url: str  # where local links point when no public URL is configured
+    deterministic: bool = False  # run each image alone: the solo bytes whatever the load
 
     @property
     def n(self) -> int:
@@ -30,6 +31,6 @@ class GenerationJob:
 @dataclass(frozen=True)
 class ImageResult:
     seed: int
-    batch_size: int  # images in the pipeline call that made this one
+    batch_size: int  # the largest batch any of this image's denoising steps ran in
     url: str | None = None
     b64_json: str | None = None

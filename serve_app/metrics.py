@@ -7,25 +7,42 @@ from __future__ import annotations
 from ray.serve import metrics
 
 SECONDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
+BATCH = [1, 2, 3, 4, 6, 8, 12, 16, 32]
 MODEL = ("model",)
 
 
 class ModelMetrics:
-    """Recorded by a `ModelServer` replica."""
+    """Recorded by a `ModelServer` replica's step loop and encoder pool."""
 
     def __init__(self, model_id: str):
         self._tags = {"model": model_id}
         self._images = metrics.Counter("artserve_images_generated", "Images generated.", tag_keys=MODEL)
-        self._batch_size = metrics.Histogram(
-            "artserve_pipeline_batch_size", "Images per pipeline call.",
-            boundaries=[1, 2, 3, 4, 6, 8, 12, 16, 32], tag_keys=MODEL,
+        self._step_batch = metrics.Histogram(
+            "artserve_step_batch_size", "Images in one denoiser call (a whole pipeline call in call mode).",
+            boundaries=BATCH, tag_keys=MODEL,
+        )
+        self._step_s = metrics.Histogram(
+            "artserve_step_seconds", "Seconds per denoiser step over the running batch (per whole call in call mode).",
+            boundaries=SECONDS, tag_keys=MODEL,
+        )
+        self._image_steps = metrics.Counter(
+            "artserve_denoising_steps", "Image-steps run (images x denoising steps).", tag_keys=MODEL
+        )
+        self._cancelled = metrics.Counter(
+            "artserve_cancelled_steps", "Image-steps not run because their request was cancelled or timed out.",
+            tag_keys=MODEL,
+        )
+        self._pipeline_batch = metrics.Histogram(
+            "artserve_pipeline_batch_size", "Images per whole pipeline call (call mode only).",
+            boundaries=BATCH, tag_keys=MODEL,
         )
         self._pipeline_s = metrics.Histogram(
-            "artserve_pipeline_seconds", "Seconds per pipeline call.", boundaries=SECONDS, tag_keys=MODEL
+            "artserve_pipeline_seconds", "Seconds per whole pipeline call (call mode only).",
+            boundaries=SECONDS, tag_keys=MODEL,
         )
         self._queue_wait_s = metrics.Histogram(
             "artserve_queue_wait_seconds",
-            "Seconds from arrival at the replica to the start of its pipeline call, per image.",
+            "Seconds from arrival at the replica to joining the running batch, per image.",
             boundaries=SECONDS, tag_keys=MODEL,
         )
         self._finish_s = metrics.Histogram(
@@ -33,10 +50,20 @@ class ModelMetrics:
             tag_keys=MODEL,
         )
 
-    def pipeline_call(self, images: int, seconds: float) -> None:
-        self._images.inc(images, tags=self._tags)
-        self._batch_size.observe(images, tags=self._tags)
-        self._pipeline_s.observe(seconds, tags=self._tags)
+    def step(self, images: int, seconds: float, *, whole_call: bool = False) -> None:
+        self._step_batch.observe(images, tags=self._tags)
+        self._step_s.observe(seconds, tags=self._tags)
+        if whole_call:
+            self._pipeline_batch.observe(images, tags=self._tags)
+            self._pipeline_s.observe(seconds, tags=self._tags)
+        else:
+            self._image_steps.inc(images, tags=self._tags)
+
+    def images(self, count: int) -> None:
+        self._images.inc(count, tags=self._tags)
+
+    def cancelled_steps(self, steps: int) -> None:
+        self._cancelled.inc(steps, tags=self._tags)
 
     def queue_wait(self, seconds: float) -> None:
         self._queue_wait_s.observe(seconds, tags=self._tags)

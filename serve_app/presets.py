@@ -89,4 +89,5 @@ def resolve_job(
         output_compression=100 if request.output_compression is None else request.output_compression,
         response_format=request.response_format or "url",
         base_url=base_url,
+        deterministic=bool(request.deterministic),
     )

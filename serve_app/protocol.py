@@ -55,6 +55,11 @@ class ImageGenerateRequest(BaseModel):
     guidance_scale: float | None = Field(
         None, ge=0, allow_inf_nan=False, description="Classifier-free/distilled guidance."
     )
+    deterministic: bool | None = Field(
+        None,
+        description="true: every image runs alone (shares no denoising step with other requests), so a seed "
+        "gives the same bytes whatever the load. Slower under load.",
+    )
 
     @field_validator("prompt")
     @classmethod

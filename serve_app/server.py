@@ -1,38 +1,33 @@
-"""`ModelServer`: one Serve deployment per model. Loads its pipeline once, batches images
-from concurrent requests into shared pipeline calls, and encodes/stores them on a separate
-thread pool so the pipeline never waits for PNG/WebP encoding or uploads."""
+"""`ModelServer`: one Serve deployment per model. Loads its pipeline once and runs the step
+engine: every image of every request is a ticket in the pure scheduler; the step loop
+(steploop.py, its own thread) admits, steps and retires them at step boundaries; finished
+images are encoded and stored on a separate pool while the loop goes on. A request that is
+cancelled (client gone, ingress timeout) leaves the batch at the next step boundary and
+never reaches storage."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
 
-from serve_app.batching import Slot, split_job, take_call
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.encoding import encode_image
 from serve_app.errors import ArtServeError, GenerationError, ServiceUnavailableError
 from serve_app.job import GenerationJob, ImageResult
 from serve_app.metrics import ModelMetrics
 from serve_app.readiness import deployment_name
+from serve_app.scheduler import StepScheduler, Ticket
+from serve_app.steploop import StepLoop, Work
 from serve_app.storage import ImageStore, open_store
 
 logger = logging.getLogger("ray.serve")
-# Serve's batch layer may hold many small batches at once: they only feed `_pipeline_loop`,
-# which runs one pipeline call at a time. Serve warns that batch x concurrency exceeds
-# max_ongoing_requests as if each were a pipeline call; for this design it is noise.
-BATCH_CONCURRENCY = 64
-
-
-class _QuietBatchConcurrencyWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "`max_concurrent_batches`" not in record.getMessage()
-Arrival = tuple[GenerationJob, float]  # a job and when it reached this replica (monotonic s)
 
 
 def deployment_options(model: ModelConfig) -> dict[str, Any]:
@@ -40,7 +35,7 @@ def deployment_options(model: ModelConfig) -> dict[str, Any]:
     batch = model.batching.max_batch_size
     defaults: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": 1},
-        # Enough requests inside the replica to fill the next call while one runs.
+        # Requests inside the replica: enough to fill the running batch and the next one.
         "max_ongoing_requests": 2 * batch + 2,
         # Beyond this many waiting requests, callers get 429 + Retry-After, never a hang.
         "max_queued_requests": 8 * batch,
@@ -49,138 +44,93 @@ def deployment_options(model: ModelConfig) -> dict[str, Any]:
         "health_check_timeout_s": 60,
         "graceful_shutdown_timeout_s": 120,
     }
-    options = {**defaults, **model.deployment, "name": deployment_name(model.id)}
-    if options["max_ongoing_requests"] < batch:
-        raise ValueError(f"model {model.id}: max_ongoing_requests must be >= max_batch_size ({batch})")
-    return options
-
-
-def _images_in(arrivals: list[Arrival]) -> int:
-    return sum(job.n for job, _ in arrivals)
+    return {**defaults, **model.deployment, "name": deployment_name(model.id)}
 
 
 @serve.deployment
 class ModelServer:
     def __init__(self, model: ModelConfig, app: AppConfig):
         from serve_app.engine.pipeline import DiffusersEngine  # torch: replica side only
+        from serve_app.engine.runners import make_runner
 
-        logger.addFilter(_QuietBatchConcurrencyWarning())
         self.model = model
         self.metrics = ModelMetrics(model.id)
         self.store: ImageStore = open_store(app)  # first: a storage mistake fails in seconds, not after the weights
         started = time.monotonic()
         self.engine = DiffusersEngine(model)
-        logger.info("model %s loaded in %.1fs", model.id, time.monotonic() - started)
-        self._pipeline_thread = ThreadPoolExecutor(1, thread_name_prefix="pipeline")
+        self.runner = make_runner(self.engine)
+        whole_call = getattr(self.runner, "whole_call", False)
+        logger.info("model %s loaded in %.1fs (%s mode, up to %d images per step)", model.id,
+                    time.monotonic() - started, "call" if whole_call else "step", model.batching.max_batch_size)
         self._encoders = ThreadPoolExecutor(4, thread_name_prefix="encode")  # encoding + uploads
         self._fatal: str | None = None
-        self._pending: list[Slot[asyncio.Future]] = []  # images waiting for the pipeline, oldest first
-        self._work = asyncio.Event()
-        self._scheduler: asyncio.Task | None = None
-        self._batch.set_max_batch_size(model.batching.max_batch_size)
-        self._batch.set_batch_wait_timeout_s(model.batching.batch_wait_timeout_s)
+        self.loop = StepLoop(
+            self.runner, StepScheduler(model.batching.max_batch_size, join_running=not whole_call),
+            self.metrics, self._engine_error,
+        )
 
     async def generate(self, job: GenerationJob) -> list[ImageResult]:
-        if self._scheduler is None:  # needs the replica's running event loop
-            self._scheduler = asyncio.create_task(self._pipeline_loop())
+        from serve_app.engine.runners import ImageSpec
+
+        loop = asyncio.get_running_loop()
         arrived = time.monotonic()
-        parts = split_job(job, self.model.batching.max_batch_size)
-        results = await asyncio.gather(*(self._batch((part, arrived)) for part in parts))
-        error = _first_error(results)
-        if error:
-            raise error
-        return [image for part in results for image in part]
+        cancelled = threading.Event()  # read by the encoder threads: no upload after a cancel
+        futures = [loop.create_future() for _ in range(job.n)]
+        works = []
+        for index, seed in enumerate(job.seeds):
+            spec = ImageSpec(prompt=job.prompt, negative_prompt=job.negative_prompt, width=job.width,
+                             height=job.height, steps=job.num_inference_steps, guidance=job.guidance_scale, seed=seed)
+            key = ("alone", job.request_id, index) if job.deterministic else self.runner.batch_key(spec)
+            works.append(Work(Ticket(job.request_id, index, key, arrived), spec, _deliverer(loop, futures[index])))
+        self.loop.submit(works)
+        finishing = [asyncio.ensure_future(self._finish(job, i, future, cancelled)) for i, future in enumerate(futures)]
+        try:
+            return list(await asyncio.gather(*finishing))
+        except BaseException:  # cancelled (client gone, timeout) or one image failed: stop the rest
+            cancelled.set()
+            self.loop.cancel(job.request_id)
+            for task in finishing:
+                task.cancel()
+            raise
 
     def check_health(self) -> None:
         # A CUDA context that hit a fatal error stays broken: let Serve replace the replica.
         if self._fatal:
             raise RuntimeError(f"replica unusable after: {self._fatal}")
-        if self._scheduler is not None and self._scheduler.done():
-            raise RuntimeError("the pipeline scheduler stopped")
+        if not self.loop.alive():
+            raise RuntimeError("the step loop stopped")
 
-    # Serve's batcher groups bursts and counts images as slots. It forms a batch as soon as
-    # a request waits, even while the pipeline is busy, so the accumulating happens in
-    # `_pipeline_loop`: each pipeline call takes every waiting same-shape image.
-    @serve.batch(max_concurrent_batches=BATCH_CONCURRENCY, batch_size_fn=_images_in)
-    async def _batch(self, arrivals: list[Arrival]) -> list[list[ImageResult] | BaseException]:
-        loop = asyncio.get_running_loop()
-        per_job = []
-        for job, arrived in arrivals:
-            images = [Slot(job, i, loop.create_future(), arrived) for i in range(job.n)]
-            self._pending.extend(images)
-            per_job.append(images)
-        self._work.set()
-        results = await asyncio.gather(
-            *(asyncio.gather(*(self._finish(slot) for slot in images), return_exceptions=True)
-              for images in per_job)
-        )
-        return [_first_error(images) or images for images in results]
+    def __del__(self) -> None:
+        loop = getattr(self, "loop", None)
+        if loop is not None:
+            loop.stop()
 
-    async def _pipeline_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._work.wait()
-            # Slots of cancelled requests (client gone) are dropped, not generated.
-            call = [s for s in take_call(self._pending, self.model.batching.max_batch_size) if not s.handle.done()]
-            if not self._pending:
-                self._work.clear()
-            if not call:
-                continue
-            try:
-                images = await loop.run_in_executor(self._pipeline_thread, self._run, call)
-            except Exception as exc:
-                error = self._failed(call, exc)
-                for slot in call:
-                    if not slot.handle.done():
-                        slot.handle.set_exception(error)
-                continue
-            for slot, image in zip(call, images, strict=True):
-                if not slot.handle.done():
-                    slot.handle.set_result((image, len(call)))
-
-    def _run(self, call: list[Slot]):
-        from serve_app.engine.pipeline import PipelineInputs
-
-        key = call[0].key
-        started = time.monotonic()
-        for slot in call:
-            self.metrics.queue_wait(started - slot.arrived_s)
-        images = self.engine.generate(
-            PipelineInputs(
-                width=key.width,
-                height=key.height,
-                num_inference_steps=key.num_inference_steps,
-                guidance_scale=key.guidance_scale,
-                prompts=[slot.job.prompt for slot in call],
-                negative_prompts=[slot.job.negative_prompt for slot in call],
-                seeds=[slot.job.seeds[slot.image] for slot in call],
-            )
-        )
-        self.metrics.pipeline_call(len(call), time.monotonic() - started)
-        return images
-
-    def _failed(self, call: list[Slot], exc: Exception) -> ArtServeError:
-        ids = sorted({slot.job.request_id for slot in call})
-        logger.error("model %s: generation failed for %s", self.model.id, ids, exc_info=exc)
+    def _engine_error(self, exc: Exception) -> ArtServeError:
+        """Runs on the step loop's thread when prepare/step/decode raised."""
+        logger.error("model %s: generation failed", self.model.id, exc_info=exc)
         text = str(exc)
         if "CUDA error" in text and "out of memory" not in text:
             self._fatal = text.splitlines()[0][:200]
         return GenerationError("Image generation failed.")
 
-    async def _finish(self, slot: Slot) -> ImageResult:
-        """Wait for the slot's image, then encode and store it on the encoder pool, so the
-        pipeline thread goes straight on to the next call."""
-        image, batch_size = await slot.handle
+    async def _finish(self, job: GenerationJob, index: int, future: asyncio.Future,
+                      cancelled: threading.Event) -> ImageResult:
+        """Wait for the image, then encode and store it on the encoder pool while the step
+        loop goes on: an image leaves as soon as its own last step is decoded."""
+        image, batch_size = await future
         return await asyncio.get_running_loop().run_in_executor(
-            self._encoders, self._encode_store, slot.job, slot.image, image, batch_size
+            self._encoders, self._encode_store, job, index, image, batch_size, cancelled
         )
 
-    def _encode_store(self, job: GenerationJob, index: int, image, batch_size: int) -> ImageResult:
+    def _encode_store(self, job: GenerationJob, index: int, image, batch_size: int,
+                      cancelled: threading.Event) -> ImageResult:
         started = time.monotonic()
         data = encode_image(image, job.output_format, job.output_compression)
         seed = job.seeds[index]
         if job.response_format == "b64_json":
             result = ImageResult(seed=seed, batch_size=batch_size, b64_json=base64.b64encode(data).decode())
+        elif cancelled.is_set():  # the client is gone: nothing to store
+            raise asyncio.CancelledError
         else:
             result = ImageResult(seed=seed, batch_size=batch_size, url=self._store(data, job))
         self.metrics.encode_store(time.monotonic() - started)
@@ -196,5 +146,15 @@ class ModelServer:
             raise ServiceUnavailableError("Image storage is unavailable; try again later.") from None
 
 
-def _first_error(results: list) -> BaseException | None:
-    return next((r for r in results if isinstance(r, BaseException)), None)
+def _deliverer(loop: asyncio.AbstractEventLoop, future: asyncio.Future):
+    """A callback for the step loop's thread that resolves `future` on the event loop."""
+
+    def settle(outcome: Any, batch_size: int) -> None:
+        if future.done():
+            return
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result((outcome, batch_size))
+
+    return lambda outcome, batch_size: loop.call_soon_threadsafe(settle, outcome, batch_size)

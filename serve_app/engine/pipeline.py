@@ -72,11 +72,11 @@ class DiffusersEngine:
             # guidance-distilled: guidance_scale is an input, and negative prompts are refused.)
             kwargs["negative_prompt"] = [n or "" for n in inputs.negative_prompts]
         if self.model.family in ("flux", "stable-diffusion-3"):
-            # The T5 prompt length: capped by its tokenizer (512 on FLUX.1-dev, 256 on schnell).
+            from serve_app.engine.runners.flow import t5_length
+
             t5 = self.pipeline.tokenizer_2 if self.model.family == "flux" else self.pipeline.tokenizer_3
-            kwargs["max_sequence_length"] = self.model.max_sequence_length or min(
-                512, getattr(t5, "model_max_length", 512)
-            )
+            kwargs["max_sequence_length"] = t5_length(getattr(t5, "model_max_length", None),
+                                                      self.model.max_sequence_length)
         elif self.model.max_sequence_length:  # generic pipelines: only when the YAML says so
             kwargs["max_sequence_length"] = self.model.max_sequence_length
         return kwargs

@@ -44,7 +44,7 @@ def _models_dir(work: Path) -> Path:
         (models / path.name).write_text(path.read_text())
     small = yaml.safe_load((ROOT / "models" / "tiny-sd.yaml").read_text())
     small["id"] = "tiny-sd-small"
-    small["batching"] = {"max_batch_size": 1, "batch_wait_timeout_s": 0}
+    small["batching"] = {"max_batch_size": 1}
     small["deployment"] = {
         "ray_actor_options": {"num_cpus": 0.1},
         "max_ongoing_requests": 1,

@@ -25,7 +25,7 @@ def size_of(item: dict) -> tuple[int, int]:
     return Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).size
 
 
-def test_concurrent_requests_share_pipeline_calls_and_keep_their_sizes(server):
+def test_concurrent_requests_share_steps_and_keep_their_sizes(server):
     sizes = ["256x256", "320x256"] * 4
     with ThreadPoolExecutor(len(sizes)) as pool:
         responses = list(pool.map(lambda s: post(server, model="tiny-sd", size=s, response_format="b64_json",
@@ -40,7 +40,7 @@ def test_concurrent_requests_share_pipeline_calls_and_keep_their_sizes(server):
 
 
 def test_n_split_across_calls_matches_a_serial_run(server):
-    # n=6 > max_batch_size=4: two pipeline calls, results in order with per-image seeds.
+    # n=6 > the cap of 4: two images wait and join later; results in order with per-image seeds.
     together = post(server, model="tiny-flux", n=6, seed=500, response_format="b64_json").json()["data"]
     assert [item["seed"] for item in together] == list(range(500, 506))
     for item in (together[0], together[5]):

@@ -1,0 +1,27 @@
+"""Runner adapters: one per diffusers family (the step engine), plus the whole-call path."""
+
+from __future__ import annotations
+
+from serve_app.engine.pipeline import DiffusersEngine
+from serve_app.engine.runners.base import DenoiseState, ImageSpec, Runner
+from serve_app.engine.runners.flow import FluxRunner, StableDiffusion3Runner
+from serve_app.engine.runners.sd import StableDiffusionRunner, StableDiffusionXLRunner
+from serve_app.engine.runners.whole_call import WholeCallRunner
+
+STEP_RUNNERS: dict[str, type[Runner]] = {
+    "stable-diffusion": StableDiffusionRunner,
+    "stable-diffusion-xl": StableDiffusionXLRunner,
+    "stable-diffusion-3": StableDiffusion3Runner,
+    "flux": FluxRunner,
+}
+
+__all__ = ["STEP_RUNNERS", "DenoiseState", "ImageSpec", "Runner", "WholeCallRunner", "make_runner"]
+
+
+def make_runner(engine: DiffusersEngine) -> Runner | WholeCallRunner:
+    """The model's step runner, or the whole-call path for `generic` pipelines and
+    `batching.mode: call`."""
+    model = engine.model
+    if model.batching.mode == "step" and model.family in STEP_RUNNERS:
+        return STEP_RUNNERS[model.family](engine.pipeline, model, engine.device)
+    return WholeCallRunner(engine)

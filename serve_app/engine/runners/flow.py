@@ -1,0 +1,117 @@
+"""Flow-matching transformer families: Stable Diffusion 3/3.5 (MMDiT over CLIP-L + CLIP-G + T5,
+CFG) and FLUX.1 (guidance-distilled: guidance is an input of the transformer, no CFG)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from serve_app.engine.runners.base import DenoiseState, ImageSpec, Runner
+
+
+def t5_length(model_max_length: int | None, configured: int | None) -> int:
+    """The T5 prompt length: the model YAML's, else the tokenizer's, capped at 512."""
+    return configured or min(512, model_max_length or 512)
+
+
+class FlowRunner(Runner):
+    """What SD3 and FLUX share: T5 prompt length, shift + scale before the VAE."""
+
+    t5_tokenizer = "tokenizer_3"
+
+    @property
+    def max_sequence_length(self) -> int:
+        tokenizer = getattr(self.pipe, self.t5_tokenizer, None)
+        return t5_length(getattr(tokenizer, "model_max_length", None), self.model.max_sequence_length)
+
+    def vae_decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        vae = self.pipe.vae
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        image = vae.decode(latents, return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image, output_type="pil")
+
+
+class StableDiffusion3Runner(FlowRunner):
+    default_max_shift = 1.16
+    def encode(self, spec: ImageSpec) -> dict[str, Any]:
+        positive, negative, pooled, negative_pooled = self.pipe.encode_prompt(
+            prompt=spec.prompt, prompt_2=None, prompt_3=None, negative_prompt=spec.negative_prompt,
+            do_classifier_free_guidance=self.uses_cfg(spec), device=self.device, num_images_per_prompt=1,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return {"prompt": positive, "negative": negative, "pooled": pooled, "negative_pooled": negative_pooled}
+
+    def initial_state(self, spec: ImageSpec, cond: dict[str, Any]) -> DenoiseState:
+        generator = self.generator(spec)
+        latents = self.pipe.prepare_latents(
+            1, self.pipe.transformer.config.in_channels, spec.height, spec.width, cond["prompt"].dtype,
+            self.device, generator,
+        )
+        patch = self.pipe.transformer.config.patch_size
+        shift = self.resolution_shift((latents.shape[2] // patch) * (latents.shape[3] // patch))
+        scheduler, timesteps = self.schedule(spec, **shift)
+        return DenoiseState(spec, generator, scheduler, timesteps, latents, cond)
+
+    def denoise(self, states: list[DenoiseState]) -> list[torch.Tensor]:
+        cfg = self.uses_cfg(states[0].spec)
+        latents = torch.cat([s.latents for s in states])
+        prediction = self.pipe.transformer(
+            hidden_states=torch.cat([latents, latents]) if cfg else latents,
+            timestep=self.timesteps_of(states, 2 if cfg else 1),
+            encoder_hidden_states=self.cfg_rows(states, "prompt", "negative"),
+            pooled_projections=self.cfg_rows(states, "pooled", "negative_pooled"),
+            return_dict=False,
+        )[0]
+        return self.guided(states, prediction)
+
+    def decode(self, latents: torch.Tensor, states: list[DenoiseState]) -> list[Image.Image]:
+        return self.vae_decode(latents)
+
+
+class FluxRunner(FlowRunner):
+    cfg_family = False  # guidance-distilled: guidance is a transformer input
+    sets_begin_index = True
+    t5_tokenizer = "tokenizer_2"
+
+    def encode(self, spec: ImageSpec) -> dict[str, Any]:
+        prompt, pooled, text_ids = self.pipe.encode_prompt(
+            prompt=spec.prompt, prompt_2=None, device=self.device, num_images_per_prompt=1,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return {"prompt": prompt, "pooled": pooled, "text_ids": text_ids}
+
+    def initial_state(self, spec: ImageSpec, cond: dict[str, Any]) -> DenoiseState:
+        generator = self.generator(spec)
+        latents, image_ids = self.pipe.prepare_latents(
+            1, self.pipe.transformer.config.in_channels // 4, spec.height, spec.width, cond["prompt"].dtype,
+            self.device, generator,
+        )
+        sigmas = None
+        if not self.pipe.scheduler.config.get("use_flow_sigmas"):
+            sigmas = np.linspace(1.0, 1 / spec.steps, spec.steps)
+        scheduler, timesteps = self.schedule(spec, sigmas=sigmas, **self.resolution_shift(latents.shape[1]))
+        return DenoiseState(spec, generator, scheduler, timesteps, latents, {**cond, "image_ids": image_ids})
+
+    def denoise(self, states: list[DenoiseState]) -> list[torch.Tensor]:
+        latents = torch.cat([s.latents for s in states])
+        guidance = None
+        if self.pipe.transformer.config.guidance_embeds:
+            guidance = torch.tensor([s.spec.guidance for s in states], device=self.device, dtype=torch.float32)
+        prediction = self.pipe.transformer(
+            hidden_states=latents,
+            timestep=self.timesteps_of(states).to(latents.dtype) / 1000,
+            guidance=guidance,
+            pooled_projections=torch.cat([s.cond["pooled"] for s in states]),
+            encoder_hidden_states=torch.cat([s.cond["prompt"] for s in states]),
+            txt_ids=states[0].cond["text_ids"],
+            img_ids=states[0].cond["image_ids"],
+            return_dict=False,
+        )[0]
+        return [prediction[i : i + 1] for i in range(len(states))]
+
+    def decode(self, latents: torch.Tensor, states: list[DenoiseState]) -> list[Image.Image]:
+        spec = states[0].spec
+        return self.vae_decode(self.pipe._unpack_latents(latents, spec.height, spec.width, self.pipe.vae_scale_factor))

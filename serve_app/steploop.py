@@ -1,0 +1,169 @@
+"""The engine loop of one model replica, on its own thread: admit, step, retire, repeat.
+
+The event loop hands it `Work` (one image each) and cancels requests; the thread asks the
+pure scheduler what changes at each step boundary, lets the runner prepare newcomers, runs
+one denoiser call over the running batch, and decodes whatever finished. Results go back
+through each image's `deliver` callback (thread-safe, set by the caller). Nothing here
+touches the asyncio loop or does encoding/uploads: the loop only ever waits on the runner.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from serve_app.scheduler import StepScheduler, Ticket
+
+logger = logging.getLogger("ray.serve")
+
+# deliver(image or exception, largest batch this image ran in)
+Deliver = Callable[[Any, int], None]
+
+
+@dataclass(eq=False)
+class Work:
+    ticket: Ticket
+    spec: Any  # the runner's ImageSpec
+    deliver: Deliver
+    state: Any = None  # the runner's per-image state, once admitted
+    largest_batch: int = 0
+
+
+@dataclass
+class LoopStats:
+    """Counters for benchmarks and tests (the metrics carry the same to Prometheus)."""
+
+    steps: int = 0  # denoiser calls
+    image_steps: int = 0  # images x steps run
+    cancelled_steps: int = 0  # image-steps not run because their request left
+    step_s: float = 0.0  # time inside runner.step
+    gap_s: float = 0.0  # loop time between consecutive steps with nothing admitted or finished
+    gaps: int = 0
+
+
+class StepLoop:
+    def __init__(self, runner: Any, scheduler: StepScheduler, metrics: Any, on_error: Callable[[Exception], Exception]):
+        self.runner = runner
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.on_error = on_error  # maps an engine exception to what the requests get
+        self.stats = LoopStats()
+        self._work: dict[int, Work] = {}  # id(ticket) -> work
+        self._lock = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="step-loop", daemon=True)
+        self._thread.start()
+
+    def submit(self, works: list[Work]) -> None:
+        with self._lock:
+            for work in works:
+                self._work[id(work.ticket)] = work
+            self.scheduler.submit([w.ticket for w in works])
+            self._lock.notify()
+
+    def cancel(self, request_id: str) -> None:
+        """The request's waiting images are dropped now, its running ones at the next step."""
+        with self._lock:
+            dropped = self.scheduler.cancel(request_id)
+            saved = sum(self._work.pop(id(t)).spec.steps for t in dropped)
+        self._count_cancelled(saved)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._lock.notify()
+
+    def _count_cancelled(self, steps: int) -> None:
+        if steps:
+            self.stats.cancelled_steps += steps
+            self.metrics.cancelled_steps(steps)
+
+    def _run(self) -> None:
+        import torch  # the loop's thread does all tensor work
+
+        last_step_ended: float | None = None  # set only when nothing but a step happened since
+        while True:
+            with self._lock:
+                while self.scheduler.idle() and not self._stopped:
+                    last_step_ended = None
+                    self._lock.wait()
+                if self._stopped:
+                    return
+                plan = self.scheduler.plan()
+                evicted = [self._work.pop(id(t)) for t in plan.evict]
+                admitted = [self._work[id(t)] for t in plan.admit]
+            self._count_cancelled(sum(w.state.remaining for w in evicted))
+            with torch.inference_mode():
+                self._admit(admitted)
+                with self._lock:
+                    running = [self._work[id(t)] for t in self.scheduler.running if id(t) in self._work]
+                if not running:
+                    continue
+                started = time.monotonic()
+                if last_step_ended is not None and not (admitted or evicted):
+                    self.stats.gap_s += started - last_step_ended
+                    self.stats.gaps += 1
+                finished = self._step(running, started)
+                last_step_ended = None if finished else time.monotonic()
+
+    def _admit(self, admitted: list[Work]) -> None:
+        if not admitted:
+            return
+        now = time.monotonic()
+        for work in admitted:
+            self.metrics.queue_wait(now - work.ticket.arrived_s)
+        try:
+            states = self.runner.prepare([w.spec for w in admitted])
+        except Exception as exc:
+            self._fail(admitted, exc)
+            return
+        for work, state in zip(admitted, states, strict=True):
+            work.state = state
+
+    def _step(self, running: list[Work], started: float) -> bool:
+        """One denoiser call over the running batch; decode and deliver what finished.
+        True when anything left the batch."""
+        try:
+            self.runner.step([w.state for w in running])
+        except Exception as exc:
+            self._fail(running, exc)
+            return True
+        seconds = time.monotonic() - started
+        self.stats.steps += 1
+        self.stats.image_steps += len(running)
+        self.stats.step_s += seconds
+        self.metrics.step(len(running), seconds, whole_call=getattr(self.runner, "whole_call", False))
+        for work in running:
+            work.largest_batch = max(work.largest_batch, len(running))
+        finished = [w for w in running if w.state.done]
+        if not finished:
+            return False
+        try:
+            images = self.runner.finish([w.state for w in finished])
+        except Exception as exc:
+            self._fail(finished, exc)
+            return True
+        self._retire(finished)
+        self.metrics.images(len(finished))
+        for work, image in zip(finished, images, strict=True):
+            work.deliver(image, work.largest_batch)
+        return True
+
+    def _fail(self, works: list[Work], exc: Exception) -> None:
+        error = self.on_error(exc)
+        self._retire(works)
+        for work in works:
+            work.deliver(error, work.largest_batch)
+
+    def _retire(self, works: list[Work]) -> None:
+        with self._lock:
+            self.scheduler.finished([w.ticket for w in works])
+            for work in works:
+                self._work.pop(id(work.ticket), None)

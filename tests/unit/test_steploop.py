@@ -1,0 +1,131 @@
+"""The replica's step loop on its own thread, in-process (no Ray) with a real tiny runner:
+images join at step boundaries, leave as soon as they are done, cancelled requests stop
+within a step, failures reach their requests and the loop goes on."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from serve_app.config import load_model_config
+from serve_app.errors import GenerationError
+from serve_app.scheduler import StepScheduler, Ticket
+from serve_app.steploop import StepLoop, Work
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
+class Recorder:
+    """Stands in for the Prometheus metrics (Ray's metric objects need a running Ray)."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+        self.cancelled = 0
+
+    def step(self, images, seconds, whole_call=False):
+        self.steps.append(images)
+
+    def cancelled_steps(self, steps):
+        self.cancelled += steps
+
+    def queue_wait(self, seconds): ...
+
+    def images(self, count): ...
+
+
+@pytest.fixture(scope="module")
+def runner():
+    from serve_app.engine.pipeline import DiffusersEngine
+    from serve_app.engine.runners import make_runner
+
+    return make_runner(DiffusersEngine(load_model_config(MODELS / "tiny-flux.yaml")))
+
+
+def spec(steps: int, seed: int = 1, size: int = 128):
+    from serve_app.engine.runners import ImageSpec
+
+    return ImageSpec("a fox", None, size, size, steps, 3.5, seed)
+
+
+def start(runner, cap: int = 4):
+    metrics = Recorder()
+    loop = StepLoop(runner, StepScheduler(cap), metrics, lambda exc: GenerationError(str(exc)))
+    return loop, metrics
+
+
+def submit(loop, runner, request_id: str, specs, results: queue.Queue, order: int | None = None):
+    works = [Work(Ticket(request_id, i, runner.batch_key(s), time.monotonic()), s,
+                  lambda out, batch, rid=request_id, i=i: results.put((rid, i, out, batch)))
+             for i, s in enumerate(specs)]
+    loop.submit(works)
+
+
+def test_a_short_request_joins_a_running_one_and_leaves_first(runner):
+    loop, metrics = start(runner)
+    results: queue.Queue = queue.Queue()
+    submit(loop, runner, "long", [spec(40)], results)
+    while loop.stats.steps < 3:
+        time.sleep(0.005)
+    submit(loop, runner, "short", [spec(4, seed=2)], results)
+    first, second = results.get(timeout=60), results.get(timeout=60)
+    loop.stop()
+    assert (first[0], second[0]) == ("short", "long")  # finished images leave at once
+    assert first[3] == 2 and second[3] == 2  # they shared steps
+    assert 2 in metrics.steps and metrics.steps[0] == 1
+    assert loop.stats.image_steps == 44
+
+
+def test_a_cancelled_request_stops_within_a_step_and_frees_the_loop(runner):
+    loop, metrics = start(runner, cap=2)
+    results: queue.Queue = queue.Queue()
+    submit(loop, runner, "gone", [spec(200, seed=s) for s in range(4)], results)  # 2 run, 2 wait
+    while loop.stats.steps < 2:
+        time.sleep(0.005)
+    loop.cancel("gone")
+    submit(loop, runner, "next", [spec(3)], results)
+    assert results.get(timeout=60)[0] == "next"
+    loop.stop()
+    assert results.empty()  # nothing delivered for the cancelled request
+    # 2 waiting images x 200 steps, plus the 2 running ones' remaining steps
+    assert loop.stats.cancelled_steps > 2 * 200 + 2 * 150
+    assert metrics.cancelled == loop.stats.cancelled_steps
+    assert loop.stats.image_steps < 2 * 20 + 3
+
+
+def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(runner):
+    class Broken:
+        whole_call = False
+
+        def __init__(self):
+            self.fail = threading.Event()
+            self.fail.set()
+
+        def batch_key(self, s):
+            return runner.batch_key(s)
+
+        def prepare(self, specs):
+            return runner.prepare(specs)
+
+        def step(self, states):
+            if self.fail.is_set():
+                self.fail.clear()
+                raise RuntimeError("boom")
+            runner.step(states)
+
+        def finish(self, states):
+            return runner.finish(states)
+
+    broken = Broken()
+    loop = StepLoop(broken, StepScheduler(4), Recorder(), lambda exc: GenerationError("failed"))
+    results: queue.Queue = queue.Queue()
+    submit(loop, broken, "bad", [spec(3)], results)
+    request_id, _, outcome, _ = results.get(timeout=60)
+    assert request_id == "bad" and isinstance(outcome, GenerationError)
+    submit(loop, broken, "good", [spec(3)], results)
+    request_id, _, outcome, _ = results.get(timeout=60)
+    loop.stop()
+    assert request_id == "good" and outcome.size == (128, 128)
