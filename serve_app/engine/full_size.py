@@ -71,9 +71,14 @@ def build_component(model_id: str, name: str, device: str = "meta", dtype: torch
     config = _read(model_id, f"{name}/config.json")
     with _materialise(device, dtype):
         if library == "diffusers":
-            return getattr(diffusers, class_name).from_config(config)
-        hf_config = transformers.AutoConfig.for_model(**config)
-        return getattr(transformers, class_name)(hf_config).eval()
+            module = getattr(diffusers, class_name).from_config(config)
+        else:
+            module = getattr(transformers, class_name)(transformers.AutoConfig.for_model(**config))
+    # Floating buffers made in float32 on purpose (SD3's position-embedding table) take the
+    # model's dtype too, as `from_pretrained(torch_dtype=...)` would give them.
+    if any(b.is_floating_point() and b.dtype != dtype for b in module.buffers()):
+        torch.nn.Module.to(module, dtype)  # torch's own `to`: diffusers' override warns about fp32 modules here
+    return module.eval()
 
 
 def build_pipeline(model_id: str, device: str = "meta", dtype: torch.dtype = torch.bfloat16):
@@ -99,6 +104,13 @@ def parameter_counts(pipeline) -> dict[str, int]:
     return counts
 
 
-def weight_bytes(counts: dict[str, int], dtype: torch.dtype) -> int:
-    """What the weights occupy in GPU memory at `dtype` (activations come on top)."""
-    return sum(counts.values()) * torch.empty((), dtype=dtype).element_size()
+def weight_bytes(pipeline) -> dict[str, int]:
+    """Bytes each weighted component occupies on its device at the dtype it was built in:
+    parameters plus buffers (e.g. SD3's fixed position-embedding table). Activations come on top."""
+    sizes = {}
+    for name in WEIGHTED:
+        module = getattr(pipeline, name, None)
+        if isinstance(module, torch.nn.Module):
+            tensors = [*module.parameters(), *module.buffers()]
+            sizes[name] = sum(t.numel() * t.element_size() for t in tensors)
+    return sizes
