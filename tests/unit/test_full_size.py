@@ -118,16 +118,49 @@ def test_readme_memory_figures_are_the_computed_ones(pipelines, model_id):
     assert re.search(r"\d+ \N{MULTIPLICATION SIGN} (H100|L4)", memory_cell)
 
 
-def test_random_weights_materialise_in_the_models_dtype_and_encode_a_prompt():
-    """The GPU path on the CPU, with the smallest component: real random weights, right dtype."""
-    encoder = full_size.build_component("sdxl", "text_encoder", "cpu", torch.bfloat16)
-    tokenizer = full_size.build_component("sdxl", "tokenizer")
-    weights = encoder.get_input_embeddings().weight
-    assert weights.device.type == "cpu" and weights.dtype == torch.bfloat16 and weights.float().std() > 0
-    ids = tokenizer(["a lighthouse at dusk"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+def test_flux_dev_pipeline_runs_a_step_at_full_size_on_meta(pipelines):
+    """Every shape fits at 1024²: CLIP + T5 (512 tokens) into the transformer, 4096 image tokens."""
     with torch.inference_mode():
-        hidden = encoder(ids).last_hidden_state
-    assert hidden.shape == (1, 77, 768) and hidden.float().isfinite().all()
+        latents = pipelines["flux-dev"](prompt=["a fox"], width=1024, height=1024, num_inference_steps=1,
+                                        max_sequence_length=512, output_type="latent").images
+    assert latents.shape == (1, 4096, 64) and latents.is_meta  # 64² tokens of 2x2 x 16 channels
+
+
+def test_sdxl_pipeline_runs_a_step_at_full_size_on_meta(pipelines, monkeypatch):
+    """Both CLIPs (and CLIP-G's pooled projection) into the UNet, with classifier-free guidance."""
+    pipeline = pipelines["sdxl"]
+    set_timesteps = pipeline.scheduler.set_timesteps
+    # The scheduler copies its sigmas to the CPU, which a meta tensor cannot do: keep them there.
+    monkeypatch.setattr(pipeline.scheduler, "set_timesteps",
+                        lambda *args, device=None, **kwargs: set_timesteps(*args, device="cpu", **kwargs))
+    with torch.inference_mode():
+        latents = pipeline(prompt=["a fox"], negative_prompt=["blurry"], width=1024, height=1024,
+                           num_inference_steps=1, output_type="latent").images
+    assert latents.shape == (1, 4, 128, 128) and latents.is_meta
+
+
+def test_sd35_large_transformer_step_fits_its_encoders_on_meta(pipelines):
+    """CLIP-L + CLIP-G + T5 (256 tokens) embeddings into one guided MMDiT step at 1024²."""
+    pipeline, meta = pipelines["sd3.5-large"], torch.device("meta")
+    with torch.inference_mode():
+        embeds, negative, pooled, negative_pooled = pipeline.encode_prompt(
+            prompt=["a fox"], prompt_2=None, prompt_3=None, device=meta, max_sequence_length=256)
+        assert embeds.shape == (1, 77 + 256, 4096) and pooled.shape == (1, 768 + 1280)
+        latents = torch.zeros(2, 16, 128, 128, device=meta, dtype=torch.bfloat16)
+        [out] = pipeline.transformer(hidden_states=latents, timestep=torch.full((2,), 500.0, device=meta),
+                                     encoder_hidden_states=torch.cat([negative, embeds]),
+                                     pooled_projections=torch.cat([negative_pooled, pooled]), return_dict=False)
+    assert out.shape == latents.shape
+
+
+def test_random_weights_materialise_in_the_models_dtype():
+    """The GPU path, on the CPU with a small component: real random weights in the model's dtype."""
+    vae = full_size.build_component("flux-dev", "vae", "cpu", torch.bfloat16)
+    weights = vae.decoder.conv_in.weight
+    assert weights.device.type == "cpu" and weights.dtype == torch.bfloat16 and weights.float().std() > 0
+    with torch.inference_mode():
+        image = vae.decode(torch.randn(1, 16, 4, 4, dtype=torch.bfloat16)).sample
+    assert image.shape == (1, 3, 32, 32) and image.float().isfinite().all()
 
 
 def test_unknown_model_is_refused():
