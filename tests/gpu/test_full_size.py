@@ -7,13 +7,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-# (model, dtype, side): the smallest catalog model, and the largest at its real size.
-CASES = [("sdxl-turbo", "float16", 512), ("flux-schnell", "bfloat16", 1024)]
+# (model, dtype, side, extra call arguments): the smallest catalog model, and the largest at its real size.
+CASES = [("sdxl-turbo", "float16", 512, {}), ("flux-schnell", "bfloat16", 1024, {"max_sequence_length": 256})]
 GIB = 2**30
 
 
-@pytest.mark.parametrize(("model_id", "dtype", "side"), CASES)
-def test_full_size_pipeline_builds_on_the_gpu_and_runs_one_step(model_id, dtype, side):
+@pytest.mark.parametrize(("model_id", "dtype", "side", "extra"), CASES)
+def test_full_size_pipeline_builds_on_the_gpu_and_runs_one_step(model_id, dtype, side, extra):
     from serve_app.engine import full_size
 
     dtype = getattr(torch, dtype)
@@ -29,7 +29,7 @@ def test_full_size_pipeline_builds_on_the_gpu_and_runs_one_step(model_id, dtype,
         assert {(p.device.type, p.dtype) for p in denoiser.parameters()} == {("cuda", dtype)}
         with torch.inference_mode():
             [image] = pipeline(prompt="a lighthouse at dusk", width=side, height=side, num_inference_steps=1,
-                               guidance_scale=0.0, generator=torch.Generator("cuda").manual_seed(0)).images
+                               guidance_scale=0.0, generator=torch.Generator("cuda").manual_seed(0), **extra).images
         assert image.size == (side, side)
     finally:
         del pipeline
