@@ -72,7 +72,7 @@ def call_kwargs(config, batch: int, seed: int = 0) -> dict:
     kwargs = dict(prompt=[PROMPT] * batch, width=width, height=height, num_inference_steps=preset.num_inference_steps,
                   guidance_scale=preset.guidance_scale, output_type="pil",
                   generator=[torch.Generator("cuda").manual_seed(seed + i) for i in range(batch)])
-    if config.family != "flux" and config.default_negative_prompt is not None:
+    if config.family != "flux" and config.default_negative_prompt:  # as the engine: only a non-empty one
         kwargs["negative_prompt"] = [config.default_negative_prompt] * batch
     if config.family in ("flux", "stable-diffusion-3"):
         kwargs["max_sequence_length"] = config.max_sequence_length
