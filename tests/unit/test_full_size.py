@@ -1,0 +1,168 @@
+"""The production catalog at full size, on the meta device: every component built from the
+published configs in serve_app/engine/architectures/ has exactly the published parameter count,
+and the README's memory figures are what those counts weigh at each model's dtype.
+
+Where each published figure comes from: serve_app/engine/architectures/README.md."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from serve_app.config import load_model_config
+from serve_app.engine import full_size
+from serve_app.engine.pipeline import DTYPES
+
+ROOT = Path(__file__).resolve().parents[2]
+
+T5_XXL_ENCODER = 4_762_310_656
+CLIP_L = 123_060_480  # CLIPTextModel (SDXL, FLUX)
+CLIP_L_PROJECTED = 123_650_304  # CLIPTextModelWithProjection (SD3): + the 768 x 768 projection
+CLIP_G = 694_659_840  # OpenCLIP bigG as CLIPTextModelWithProjection
+SDXL_UNET = 2_567_463_684
+SDXL_VAE = 83_653_863
+FLOW_VAE = 83_819_683  # FLUX.1 and SD3: 16 latent channels, no quant convs
+# keras-hub's SD3.5-large preset counts CLIP-L + CLIP-G + MMDiT + VAE, and the MMDiT's stored
+# 192 x 192 position-embedding table (a fixed buffer, not a parameter); the same accounting
+# gives its SD3-medium figure exactly from diffusers' 2,028,328,000-parameter SD3-medium MMDiT.
+SD35_LARGE_KERAS_PRESET = 9_048_410_595
+SD35_POS_EMBED_TABLE = 192 * 192 * 2432
+SD35_LARGE_MMDIT = SD35_LARGE_KERAS_PRESET - CLIP_L_PROJECTED - CLIP_G - FLOW_VAE - SD35_POS_EMBED_TABLE
+
+PUBLISHED = {
+    "flux-dev": {"transformer": 11_901_408_320, "text_encoder": CLIP_L, "text_encoder_2": T5_XXL_ENCODER,
+                 "vae": FLOW_VAE},
+    # schnell has no guidance embedder: 10,229,760 parameters fewer than dev.
+    "flux-schnell": {"transformer": 11_891_178_560, "text_encoder": CLIP_L, "text_encoder_2": T5_XXL_ENCODER,
+                     "vae": FLOW_VAE},
+    "sdxl": {"unet": SDXL_UNET, "text_encoder": CLIP_L, "text_encoder_2": CLIP_G, "vae": SDXL_VAE},
+    "sdxl-turbo": {"unet": SDXL_UNET, "text_encoder": CLIP_L, "text_encoder_2": CLIP_G, "vae": SDXL_VAE},
+    "sd3.5-large": {"transformer": SD35_LARGE_MMDIT, "text_encoder": CLIP_L_PROJECTED, "text_encoder_2": CLIP_G,
+                    "text_encoder_3": T5_XXL_ENCODER, "vae": FLOW_VAE},
+}
+PIPELINE_CLASS = {"flux": "FluxPipeline", "stable-diffusion-xl": "StableDiffusionXLPipeline",
+                  "stable-diffusion-3": "StableDiffusion3Pipeline"}
+
+
+def model_config(model_id):
+    return load_model_config(ROOT / "models" / f"{model_id}.yaml")
+
+
+@pytest.fixture(scope="module")
+def pipelines():
+    return {m: full_size.build_pipeline(m, "meta", DTYPES[model_config(m).dtype]) for m in full_size.CATALOG}
+
+
+def test_the_catalog_is_the_models_directory():
+    production = {p.stem for p in (ROOT / "models").glob("*.yaml") if not p.stem.startswith("tiny-")}
+    assert set(full_size.CATALOG) == production == set(PUBLISHED)
+    assert {p.name for p in full_size.ARCHITECTURES.iterdir() if p.is_dir()} == production
+
+
+@pytest.mark.parametrize("model_id", full_size.CATALOG)
+def test_parameter_counts_equal_the_published_ones(pipelines, model_id):
+    assert full_size.parameter_counts(pipelines[model_id]) == PUBLISHED[model_id]
+
+
+def test_sd35_large_mmdit_figure():
+    assert SD35_LARGE_MMDIT == 8_056_627_520  # the "8B" of the model card; 8.15 B stored with the table
+
+
+@pytest.mark.parametrize("model_id", full_size.CATALOG)
+def test_pipeline_class_dtype_and_meta_device(pipelines, model_id):
+    config, pipeline = model_config(model_id), pipelines[model_id]
+    assert type(pipeline).__name__ == PIPELINE_CLASS[config.family]
+    for name in PUBLISHED[model_id]:
+        tensors = list(getattr(pipeline, name).parameters())
+        assert all(t.is_meta for t in tensors)  # nothing allocated
+        assert {t.dtype for t in tensors} == {DTYPES[config.dtype]}
+
+
+@pytest.mark.parametrize("model_id", full_size.CATALOG)
+def test_tokenizers_have_the_real_prompt_lengths_and_encoders_the_real_vocabularies(pipelines, model_id):
+    config, pipeline = model_config(model_id), pipelines[model_id]
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tokenizer = getattr(pipeline, name, None)
+        if tokenizer is None:
+            continue
+        encoder = getattr(pipeline, name.replace("tokenizer", "text_encoder"))
+        if encoder.config.model_type == "t5":  # the T5 length this model is served with
+            assert tokenizer.model_max_length == config.max_sequence_length
+            assert encoder.config.vocab_size == 32128
+        else:
+            assert tokenizer.model_max_length == 77
+            assert encoder.config.vocab_size == 49408
+        ids = tokenizer(["a lighthouse at dusk"], padding="max_length", max_length=tokenizer.model_max_length).input_ids
+        assert len(ids[0]) == tokenizer.model_max_length and max(ids[0]) < encoder.config.vocab_size
+
+
+def test_schedulers_follow_the_published_configs(pipelines):
+    assert pipelines["flux-dev"].scheduler.config.use_dynamic_shifting
+    assert not pipelines["flux-schnell"].scheduler.config.use_dynamic_shifting
+    assert type(pipelines["sdxl"].scheduler).__name__ == "EulerDiscreteScheduler"
+    assert type(pipelines["sdxl-turbo"].scheduler).__name__ == "EulerAncestralDiscreteScheduler"
+    assert pipelines["sdxl-turbo"].scheduler.config.timestep_spacing == "trailing"
+    assert pipelines["sd3.5-large"].scheduler.config.shift == 3.0
+
+
+@pytest.mark.parametrize("model_id", full_size.CATALOG)
+def test_readme_memory_figures_are_the_computed_ones(pipelines, model_id):
+    sizes = full_size.weight_bytes(pipelines[model_id])
+    denoiser = "transformer" if "transformer" in sizes else "unet"
+    [row] = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith(f"| `{model_id}` |")]
+    memory_cell = row.split("|")[5]
+    dtype = model_config(model_id).dtype
+    assert f"{sum(sizes.values()) / 1e9:.1f} GB weights" in memory_cell
+    assert f"{dtype}: {sizes[denoiser] / 1e9:.1f} GB {denoiser}" in memory_cell
+    assert re.search(r"\d+ \N{MULTIPLICATION SIGN} (H100|L4)", memory_cell)
+
+
+def test_flux_dev_pipeline_runs_a_step_at_full_size_on_meta(pipelines):
+    """Every shape fits at 1024²: CLIP + T5 (512 tokens) into the transformer, 4096 image tokens."""
+    with torch.inference_mode():
+        latents = pipelines["flux-dev"](prompt=["a fox"], width=1024, height=1024, num_inference_steps=1,
+                                        max_sequence_length=512, output_type="latent").images
+    assert latents.shape == (1, 4096, 64) and latents.is_meta  # 64² tokens of 2x2 x 16 channels
+
+
+def test_sdxl_pipeline_runs_a_step_at_full_size_on_meta(pipelines, monkeypatch):
+    """Both CLIPs (and CLIP-G's pooled projection) into the UNet, with classifier-free guidance."""
+    pipeline = pipelines["sdxl"]
+    set_timesteps = pipeline.scheduler.set_timesteps
+    # The scheduler copies its sigmas to the CPU, which a meta tensor cannot do: keep them there.
+    monkeypatch.setattr(pipeline.scheduler, "set_timesteps",
+                        lambda *args, device=None, **kwargs: set_timesteps(*args, device="cpu", **kwargs))
+    with torch.inference_mode():
+        latents = pipeline(prompt=["a fox"], negative_prompt=["blurry"], width=1024, height=1024,
+                           num_inference_steps=1, output_type="latent").images
+    assert latents.shape == (1, 4, 128, 128) and latents.is_meta
+
+
+def test_sd35_large_transformer_step_fits_its_encoders_on_meta(pipelines):
+    """CLIP-L + CLIP-G + T5 (256 tokens) embeddings into one guided MMDiT step at 1024²."""
+    pipeline, meta = pipelines["sd3.5-large"], torch.device("meta")
+    with torch.inference_mode():
+        embeds, negative, pooled, negative_pooled = pipeline.encode_prompt(
+            prompt=["a fox"], prompt_2=None, prompt_3=None, device=meta, max_sequence_length=256)
+        assert embeds.shape == (1, 77 + 256, 4096) and pooled.shape == (1, 768 + 1280)
+        latents = torch.zeros(2, 16, 128, 128, device=meta, dtype=torch.bfloat16)
+        [out] = pipeline.transformer(hidden_states=latents, timestep=torch.full((2,), 500.0, device=meta),
+                                     encoder_hidden_states=torch.cat([negative, embeds]),
+                                     pooled_projections=torch.cat([negative_pooled, pooled]), return_dict=False)
+    assert out.shape == latents.shape
+
+
+def test_random_weights_materialise_in_the_models_dtype():
+    """The GPU path, on the CPU with a small component: real random weights in the model's dtype."""
+    vae = full_size.build_component("flux-dev", "vae", "cpu", torch.bfloat16)
+    weights = vae.decoder.conv_in.weight
+    assert weights.device.type == "cpu" and weights.dtype == torch.bfloat16 and weights.float().std() > 0
+    with torch.inference_mode():
+        image = vae.decode(torch.randn(1, 16, 4, 4, dtype=torch.bfloat16)).sample
+    assert image.shape == (1, 3, 32, 32) and image.float().isfinite().all()
+
+
+def test_unknown_model_is_refused():
+    with pytest.raises(KeyError, match="tiny-sd"):
+        full_size.build_pipeline("tiny-sd")
