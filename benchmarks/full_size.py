@@ -10,8 +10,9 @@ then called through diffusers' `pipeline(...)` at its default size (1024², SDXL
 its `standard` preset. One row per loading-option arm (`ARMS`; an arm the hardware cannot run is
 reported as skipped, with the reason): cold start (build + options + first call), s/image at
 batch 1 (median of --repeats after the first call), images/s at the model's max_batch_size, peak
-memory. The step engine arm (`measure_step_engine`) reports "not available yet" until it is
-wired. Prints a Markdown table and writes benchmarks/results/full_size-<time>.{md,json}.
+memory. The step engine arm (`measure_step_engine`) runs the same pipeline through ArtServe's own
+loop at batch 1/2/4/8 (its cold start is the first step-engine call, weights already built).
+Prints a Markdown table and writes benchmarks/results/full_size-<time>.{md,json}.
 """
 
 from __future__ import annotations
@@ -144,14 +145,49 @@ def _backend_available(backend: str) -> bool:
     return backend not in needs or importlib.util.find_spec(needs[backend]) is not None
 
 
-def measure_step_engine(model_id: str, batch_sizes=(1, 2, 4, 8)) -> list[Row]:
-    """The step engine (serve_app/engine runners: prepare/step/finish per family) at each batch
-    size: s/image and images/s, as `measure_arm` does for `pipeline(...)`. Not wired yet: the lead
-    engineer fills this in once the step engine has landed."""
+def measure_step_engine(model_id: str, batch_sizes=(1, 2, 4, 8), repeats: int = 2) -> list[Row]:
+    """The step engine (serve_app/engine/runners: prepare, one denoiser call per step over the
+    batch, finish) at each batch size, on the same random-weight pipeline: s/image at batch 1,
+    images/s per batch, peak memory. The YAML's loading options apply, as in a replica."""
+    import torch
+
+    from serve_app.engine import full_size, optimize
+    from serve_app.engine.pipeline import DTYPES
+    from serve_app.engine.runners import STEP_RUNNERS, ImageSpec
+    from serve_app.engine.runners.base import run_together
+
     config = model_config(model_id)
-    steps = config.quality_preset("standard").num_inference_steps
-    return [Row(model_id, "step engine", config.default_size, steps, batch, note="not available yet")
-            for batch in batch_sizes]
+    preset = config.quality_preset("standard")
+    width, height = map(int, config.default_size.split("x"))
+    rows = [Row(model_id, "step engine", config.default_size, preset.num_inference_steps, b) for b in batch_sizes]
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        pipeline = full_size.build_pipeline(model_id, "cuda", DTYPES[config.dtype])
+        applied = optimize.apply(pipeline, config.engine, optimize.plan(config.engine, optimize.Hardware.detect()),
+                                 "cuda", model_id)
+        runner = STEP_RUNNERS[config.family](pipeline, config, "cuda")
+        negative = config.default_negative_prompt or None
+
+        def specs(batch: int) -> list:
+            return [ImageSpec(PROMPT, negative, width, height, preset.num_inference_steps, preset.guidance_scale, i)
+                    for i in range(batch)]
+
+        rows[0].cold_start_s = timed(lambda: run_together(runner, specs(1)))
+        for row in rows:
+            row.applied = applied
+            run_together(runner, specs(row.batch))  # warm this batch shape
+            seconds = statistics.median(timed(lambda b=row.batch: run_together(runner, specs(b)))
+                                        for _ in range(repeats))
+            row.images_per_s = row.batch / seconds
+            row.s_per_image = seconds if row.batch == 1 else None
+        rows[-1].peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    except Exception as error:
+        for row in rows:
+            row.note = row.note or f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
 
 
 def meta_table() -> str:
