@@ -1,0 +1,303 @@
+"""The step engine against the whole-call scheduler, measured in one run on one machine.
+
+    .venv/bin/python benchmarks/step_engine.py [--models tiny-flux tiny-sd3] [--duration-s 45]
+
+Starts its own `serve run` with each model twice: as configured (`batching.mode: step`) and as
+`<id>-call` (`batching.mode: call`, everything else equal), then, per model, at 256²:
+- capacity of the whole-call arm (closed loop, concurrency 8), mixed presets and standard only;
+- mixed presets (standard/hd/low = 50/30/20 %), Poisson at 70 % of that capacity, both arms
+  with the same arrivals and presets (seeded);
+- standard only, Poisson at 50 % and 90 % of capacity, both arms;
+then on tiny-sd: the abandon test (8 clients drop n=4 hd requests after 1 s; then one request,
+against the idle latency) on both arms, and the serving overhead of a near-empty generation
+(1 step, jpeg, b64_json, concurrency 1) against the same pipeline call in-process; and, in
+process, the step loop's own time between denoiser calls as a fraction of a step.
+Prints a table, writes benchmarks/results/step_engine-<time>.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+MIX = [("standard", 0.5), ("hd", 0.3), ("low", 0.2)]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else float("nan")
+
+
+def summary(latencies: list[float], images: int, wall_s: float, statuses: dict) -> dict:
+    return {"n": len(latencies), "statuses": statuses, "p50_s": pct(latencies, 0.5), "p99_s": pct(latencies, 0.99),
+            "mean_s": statistics.mean(latencies) if latencies else float("nan"),
+            "images_per_s": images / wall_s if wall_s else 0.0}
+
+
+class Bench:
+    def __init__(self, base_url: str):
+        self.http = httpx.AsyncClient(base_url=base_url, timeout=600)
+
+    async def generate(self, model: str, quality: str = "standard", timeout: float | None = None, **extra) -> tuple:
+        body = {"model": model, "prompt": "a lighthouse at dusk", "size": "256x256", "quality": quality,
+                "response_format": "b64_json", "output_format": "jpeg", **extra}
+        started = time.perf_counter()
+        response = await self.http.post("/v1/images/generations", json=body, timeout=timeout or 600)
+        return response.status_code, time.perf_counter() - started
+
+    async def closed(self, model: str, qualities: list[str], concurrency: int = 8) -> float:
+        """Requests per second over a closed loop: the arm's capacity for this mix."""
+        queue = list(qualities)
+        started = time.perf_counter()
+
+        async def worker():
+            while queue:
+                await self.generate(model, queue.pop())
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return len(qualities) / (time.perf_counter() - started)
+
+    async def poisson(self, model: str, arrivals: list[tuple[float, str]]) -> dict:
+        latencies, statuses = [], {}
+        started = time.perf_counter()
+
+        async def one(at: float, quality: str):
+            await asyncio.sleep(max(0.0, at - (time.perf_counter() - started)))
+            status, seconds = await self.generate(model, quality)
+            statuses[status] = statuses.get(status, 0) + 1
+            if status == 200:
+                latencies.append(seconds)
+
+        await asyncio.gather(*(one(at, q) for at, q in arrivals))
+        return summary(latencies, len(latencies), time.perf_counter() - started, statuses)
+
+    async def abandon(self, model: str) -> dict:
+        idle = statistics.median([(await self.generate(model))[1] for _ in range(3)])
+
+        async def drop():
+            with contextlib.suppress(httpx.TimeoutException):
+                await self.generate(model, "hd", timeout=1.0, n=4)
+
+        await asyncio.gather(*(drop() for _ in range(8)))
+        status, after = await self.generate(model)
+        return {"idle_s": idle, "after_s": after, "ratio": after / idle, "status": status}
+
+
+def arrivals(rate_per_s: float, duration_s: float, mix: list[tuple[str, float]], seed: int) -> list[tuple[float, str]]:
+    rng, at, out = random.Random(seed), 0.0, []
+    while (at := at + rng.expovariate(rate_per_s)) < duration_s:
+        out.append((at, rng.choices([q for q, _ in mix], [w for _, w in mix])[0]))
+    return out
+
+
+def mixed(count: int, seed: int = 1) -> list[str]:
+    rng = random.Random(seed)
+    return [rng.choices([q for q, _ in MIX], [w for _, w in MIX])[0] for _ in range(count)]
+
+
+def in_process(models_dir: Path) -> dict:
+    """The same 1-step pipeline call without HTTP; the loop's own time between denoiser calls."""
+    import torch
+
+    from serve_app.config import load_model_config
+    from serve_app.engine.pipeline import DiffusersEngine, PipelineInputs
+    from serve_app.engine.runners import ImageSpec, make_runner
+    from serve_app.scheduler import StepScheduler, Ticket
+    from serve_app.steploop import StepLoop, Work
+
+    engine = DiffusersEngine(load_model_config(models_dir / "tiny-sd.yaml"))
+    inputs = PipelineInputs(256, 256, 1, 7.5, ["a lighthouse at dusk"], [None], [0])
+    engine.generate(inputs)
+    times = []
+    for _ in range(20):
+        started = time.perf_counter()
+        engine.generate(inputs)
+        times.append(time.perf_counter() - started)
+
+    flux = DiffusersEngine(load_model_config(models_dir / "tiny-flux.yaml"))
+    runner, denoiser_s = make_runner(flux), []
+    forward = flux.pipeline.transformer.forward
+
+    def timed_forward(*args, **kwargs):
+        started = time.perf_counter()
+        out = forward(*args, **kwargs)
+        denoiser_s.append(time.perf_counter() - started)
+        return out
+
+    flux.pipeline.transformer.forward = timed_forward
+
+    class Quiet:
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    loop = StepLoop(runner, StepScheduler(4), Quiet(), lambda exc: exc)
+    done = []
+    with torch.inference_mode():
+        specs = [ImageSpec("a fox", None, 256, 256, 50, 3.5, s) for s in range(4)]
+        loop.submit([Work(Ticket("r", i, runner.batch_key(s)), s, lambda o, b: done.append(o))
+                     for i, s in enumerate(specs)])
+        while len(done) < 4:
+            time.sleep(0.01)
+    loop.stop()
+    stats = loop.stats
+    step_ms = 1000 * stats.step_s / stats.steps
+    denoise_ms = 1000 * statistics.mean(denoiser_s)
+    gap_ms = 1000 * stats.gap_s / max(1, stats.gaps)
+    return {"pipeline_1_step_p50_s": statistics.median(times), "step_ms": step_ms, "denoiser_ms": denoise_ms,
+            "host_in_step_ms": step_ms - denoise_ms, "loop_gap_ms": gap_ms,
+            "overhead_fraction": (step_ms - denoise_ms + gap_ms) / step_ms}
+
+
+def write_models(directory: Path) -> list[str]:
+    ids = []
+    for model_id in ("tiny-sd", "tiny-flux", "tiny-sd3"):
+        config = yaml.safe_load((ROOT / "models" / f"{model_id}.yaml").read_text())
+        config["deployment"] = {"ray_actor_options": {"num_cpus": 0.1}}
+        (directory / f"{model_id}.yaml").write_text(yaml.safe_dump(config))
+        twin = {**config, "id": f"{model_id}-call", "batching": {**config["batching"], "mode": "call"}}
+        (directory / f"{model_id}-call.yaml").write_text(yaml.safe_dump(twin))
+        ids += [model_id, f"{model_id}-call"]
+    return ids
+
+
+def start_server(work: Path) -> tuple[subprocess.Popen, str]:
+    models = work / "models"
+    models.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = {"proxy_location": "EveryNode", "http_options": {"host": "127.0.0.1", "port": port},
+              "applications": [{"name": "bench", "route_prefix": "/", "import_path": "serve_app.app:build_app",
+                                "args": {"models": write_models(models), "models_dir": str(models),
+                                         "storage": str(work / "images")}}]}
+    ids = config["applications"][0]["args"]["models"]
+    (work / "serve.yaml").write_text(yaml.safe_dump(config))
+    log = open(work / "serve.log", "wb")  # noqa: SIM115 - lives as long as the server
+    process = subprocess.Popen([str(Path(sys.executable).with_name("serve")), "run", str(work / "serve.yaml")],
+                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if all(httpx.post(f"{base}/v1/images/generations", timeout=60,
+                              json={"model": m, "prompt": "w", "num_inference_steps": 1,
+                                    "response_format": "b64_json"}).status_code == 200
+                   for m in ids):
+                return process, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise RuntimeError(f"serve run did not get ready:\n{(work / 'serve.log').read_text()[-3000:]}")
+
+
+async def measure(base: str, models: list[str], duration_s: float) -> dict:
+    bench, results = Bench(base), {}
+    for model in models:
+        call = f"{model}-call"
+        capacity_mixed = await bench.closed(call, mixed(24))
+        capacity_standard = await bench.closed(call, ["standard"] * 24)
+        runs = {"capacity_rps": {"mixed": capacity_mixed, "standard": capacity_standard}}
+        plan = [("mixed 70%", 0.7 * capacity_mixed, MIX, duration_s),
+                ("standard 50%", 0.5 * capacity_standard, [("standard", 1.0)], duration_s * 2 / 3),
+                ("standard 90%", 0.9 * capacity_standard, [("standard", 1.0)], duration_s * 2 / 3)]
+        for name, rate, mix, duration in plan:
+            schedule = arrivals(rate, duration, mix, seed=7)
+            runs[name] = {"rate_per_s": rate, "step": await bench.poisson(model, schedule),
+                          "call": await bench.poisson(call, schedule)}
+            print(model, name, json.dumps(runs[name]), flush=True)
+        results[model] = runs
+    results["abandon"] = {arm: await bench.abandon(arm) for arm in ("tiny-sd", "tiny-sd-call")}
+    overhead = [(await bench.generate("tiny-sd", num_inference_steps=1))[1] for _ in range(21)][1:]
+    results["http_1_step_p50_s"] = statistics.median(overhead)
+    return results
+
+
+def table(results: dict, models: list[str]) -> str:
+    lines = ["| model | scenario | rate req/s | arm | p50 s | p99 s | mean s | images/s | step/call p50 | p99 | mean | "
+             "images/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for model in models:
+        for name, run in results[model].items():
+            if name == "capacity_rps":
+                continue
+            s, c = run["step"], run["call"]
+            for arm, r in (("step", s), ("call", c)):
+                ratio = (f"{s['p50_s'] / c['p50_s']:.2f}x | {s['p99_s'] / c['p99_s']:.2f}x | "
+                         f"{s['mean_s'] / c['mean_s']:.2f}x | {s['images_per_s'] / c['images_per_s']:.2f}x"
+                         if arm == "step" else " | | | ")
+                lines.append(f"| {model} | {name} | {run['rate_per_s']:.2f} | {arm} | {r['p50_s']:.2f} | "
+                             f"{r['p99_s']:.2f} | {r['mean_s']:.2f} | {r['images_per_s']:.2f} | {ratio} |")
+    a, p = results["abandon"], results["in_process"]
+    lines += ["", "| abandon test (tiny-sd) | idle s | after 8 x n=4 hd dropped, s | ratio |", "|---|---|---|---|"]
+    lines += [f"| {arm} | {v['idle_s']:.2f} | {v['after_s']:.2f} | {v['ratio']:.2f}x |" for arm, v in a.items()]
+    lines += ["", "Serving overhead (tiny-sd, 1 step, jpeg, b64_json, c=1): "
+              f"HTTP p50 {results['http_1_step_p50_s']:.3f} s - in-process {p['pipeline_1_step_p50_s']:.3f} s = "
+              f"**{1000 * (results['http_1_step_p50_s'] - p['pipeline_1_step_p50_s']):.0f} ms**.",
+              f"Step loop (tiny-flux, 4 x 50 steps, 256²): step {p['step_ms']:.1f} ms = denoiser {p['denoiser_ms']:.1f}"
+              f" + host {p['host_in_step_ms']:.1f} ms; loop gap between steps {p['loop_gap_ms']:.2f} ms; "
+              f"overhead **{100 * p['overhead_fraction']:.1f} %** of a step."]
+    return "\n".join(lines)
+
+
+def plot(results: dict, models: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        names = [n for n in results[model] if n != "capacity_rps"]
+        xs = range(len(names))
+        for offset, arm in ((-0.2, "step"), (0.2, "call")):
+            ax.bar([x + offset for x in xs], [results[model][n][arm]["p99_s"] for n in names], 0.4, label=f"{arm} p99")
+            ax.plot([x + offset for x in xs], [results[model][n][arm]["p50_s"] for n in names], "k_", ms=20)
+        ax.set_xticks(list(xs), names)
+        ax.set(title=f"{model} 256² (bars p99, ticks p50)", ylabel="latency (s)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", nargs="+", default=["tiny-flux", "tiny-sd3"])
+    parser.add_argument("--duration-s", type=float, default=45)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        process, base = start_server(work)
+        try:
+            results = asyncio.run(measure(base, args.models, args.duration_s))
+        finally:
+            os.killpg(process.pid, signal.SIGINT)
+            process.wait(timeout=60)
+        results["in_process"] = in_process(work / "models")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    text = table(results, args.models)
+    (RESULTS / f"step_engine-{stamp}.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / f"step_engine-{stamp}.md").write_text(text + "\n")
+    plot(results, args.models, RESULTS / f"step_engine-{stamp}.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
