@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
@@ -31,11 +31,12 @@ from serve_app.errors import (
     RateLimitError,
     ServiceUnavailableError,
 )
-from serve_app.job import ImageResult
+from serve_app.job import GenerationResult
 from serve_app.metrics import IngressMetrics
 from serve_app.presets import resolve_job
-from serve_app.protocol import ImageData, ImagesResponse, ModelCard, ModelList, parse_generate_request
+from serve_app.protocol import ModelCard, ModelList, parse_generate_request
 from serve_app.readiness import ModelReadiness
+from serve_app.responses import images_response, relay
 from serve_app.storage import CONTENT_TYPES
 from serve_app.storage.local import ROUTE_PREFIX, LocalImageStore
 
@@ -122,27 +123,21 @@ class ImageIngress:
             "request %s: model=%s n=%d size=%dx%d steps=%d user=%s",
             request_id, model.id, job.n, job.width, job.height, job.num_inference_steps, request.user,
         )
+        if request.stream:  # validation errors were plain JSON above; from here on, events
+            parts = self.handles[model.id].options(stream=True).generate_stream.remote(job)
+            return StreamingResponse(relay(parts, job, request.quality, _from_replica),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         response = self.handles[model.id].generate.remote(job)
         try:
-            results: list[ImageResult] = await asyncio.wait_for(response, self.config.request_timeout_s)
+            result: GenerationResult = await asyncio.wait_for(response, self.config.request_timeout_s)
         except TimeoutError:
             response.cancel()
             raise ServiceUnavailableError("Image generation timed out; try again later.") from None
         except Exception as exc:
             raise _from_replica(exc) from None
-        body = ImagesResponse(
-            created=int(time.time()),
-            data=[
-                ImageData(url=r.url, b64_json=r.b64_json, revised_prompt=job.prompt, seed=r.seed)
-                for r in results
-            ],
-            size=f"{job.width}x{job.height}",
-            quality=request.quality or "standard",
-            output_format=job.output_format,  # type: ignore[arg-type]
-        ).model_dump(exclude_none=True)
-        # How many images shared this request's pipeline call(s): batching made visible.
-        headers = {"x-artserve-batch-size": str(max(r.batch_size for r in results))}
-        return JSONResponse(body, headers=headers)
+        # The largest batch any of this request's denoising steps ran in: batching made visible.
+        headers = {"x-artserve-batch-size": str(max(r.batch_size for r in result.images))}
+        return JSONResponse(images_response(job, request.quality, result), headers=headers)
 
     async def model_card(self, model: ModelConfig) -> ModelCard:
         status, running = await self.readiness.state(model.id)

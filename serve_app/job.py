@@ -22,10 +22,19 @@ class GenerationJob:
     response_format: str  # "url" or "b64_json"
     base_url: str  # where local links point when no public URL is configured
     deterministic: bool = False  # run each image alone: the solo bytes whatever the load
+    partial_images: int = 0  # streamed previews before the final image (stream mode only)
 
     @property
     def n(self) -> int:
         return len(self.seeds)
+
+
+@dataclass(frozen=True)
+class PartialImage:
+    """A streamed preview: the current estimate of the final image, encoded."""
+
+    index: int  # 0 .. partial_images - 1
+    b64_json: str
 
 
 @dataclass(frozen=True)
@@ -34,3 +43,9 @@ class ImageResult:
     batch_size: int  # the largest batch any of this image's denoising steps ran in
     url: str | None = None
     b64_json: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    images: list[ImageResult]
+    input_tokens: int  # prompt tokens, by the model's own tokenizers (usage)

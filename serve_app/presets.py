@@ -68,6 +68,10 @@ def resolve_job(
         guidance = quality.guidance_scale * style.guidance_scale_multiplier
 
     n = request.n or 1
+    if request.stream and n > 1:
+        raise InvalidRequestError(
+            "Streaming returns one image: use n=1 with stream=true, or several requests.", param="n"
+        )
     seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
     if seed + n > MAX_SEED:
         raise InvalidRequestError("seed + n must stay below 2^63.", param="seed")
@@ -87,7 +91,9 @@ def resolve_job(
         seeds=tuple(range(seed, seed + n)),
         output_format=output_format,
         output_compression=100 if request.output_compression is None else request.output_compression,
-        response_format=request.response_format or "url",
+        # Stream events carry the image inline, as OpenAI's do.
+        response_format="b64_json" if request.stream else request.response_format or "url",
         base_url=base_url,
         deterministic=bool(request.deterministic),
+        partial_images=(request.partial_images or 0) if request.stream else 0,
     )

@@ -45,7 +45,10 @@ class ImageGenerateRequest(BaseModel):
         None, description="Accepted; `transparent` only where the model can honour it."
     )
     moderation: Literal["low", "auto"] | None = Field(None, description="Accepted, logged.")
-    stream: bool | None = Field(None, description="Streaming is not offered: true is a 400.")
+    stream: bool | None = Field(None, description="true: Server-Sent Events (partial images, then the image).")
+    partial_images: int | None = Field(
+        None, ge=0, le=3, description="Previews streamed before the final image (stream mode), 0-3."
+    )
     # ArtServe extensions, sent by the SDKs through `extra_body`.
     seed: int | None = Field(
         None, ge=0, lt=MAX_SEED, description="Seed of the first image; image i uses seed+i."
@@ -68,12 +71,6 @@ class ImageGenerateRequest(BaseModel):
             raise ValueError("the prompt must not be empty")
         return prompt
 
-    @field_validator("stream")
-    @classmethod
-    def _no_streaming(cls, stream: bool | None) -> bool | None:
-        if stream:
-            raise ValueError("streaming is not supported; omit `stream` or set it to false")
-        return stream
 
 
 def parse_generate_request(body: Any) -> ImageGenerateRequest:
@@ -108,13 +105,60 @@ class ImageData(BaseModel):
     seed: int = Field(description="The seed that produced this image.")
 
 
+# What the response echoes must stay inside OpenAI's published enums (typed clients reject
+# anything else): quality as low/medium/high, size only when it is one of the schema's sizes.
+EchoQuality = Literal["low", "medium", "high"]
+ECHO_QUALITY: dict[str, EchoQuality] = {"standard": "medium", "hd": "high", "low": "low", "medium": "medium",
+                                        "high": "high", "auto": "medium"}
+SCHEMA_SIZES = ("1024x1024", "1024x1536", "1536x1024")
+
+
+class InputTokensDetails(BaseModel):
+    text_tokens: int = Field(description="Prompt tokens, by the model's own tokenizer.")
+    image_tokens: int = Field(0, description="Latent tokens of input images (edits).")
+
+
+class Usage(BaseModel):
+    """OpenAI's image usage: output tokens are the latent tokens generated, (W/16) x (H/16) per
+    image (4096 for 1024x1024)."""
+
+    input_tokens: int = Field(description="text_tokens + image_tokens.")
+    input_tokens_details: InputTokensDetails
+    output_tokens: int = Field(description="Latent tokens generated: n x (W/16) x (H/16).")
+    total_tokens: int = Field(description="input_tokens + output_tokens.")
+
+    @classmethod
+    def of(cls, text_tokens: int, images: int, width: int, height: int, image_tokens: int = 0) -> Usage:
+        output = images * (width // 16) * (height // 16)
+        inputs = text_tokens + image_tokens
+        return cls(input_tokens=inputs, output_tokens=output, total_tokens=inputs + output,
+                   input_tokens_details=InputTokensDetails(text_tokens=text_tokens, image_tokens=image_tokens))
+
+
 class ImagesResponse(BaseModel):
     created: int = Field(description="Unix seconds.")
     data: list[ImageData] = Field(description="Exactly n images, in order.")
-    size: str = Field(description="WIDTHxHEIGHT actually generated.")
-    quality: Quality = Field(description="The quality preset used.")
+    size: Literal["1024x1024", "1024x1536", "1536x1024"] | None = Field(
+        None, description="Echoed only when it is one of OpenAI's listed sizes."
+    )
+    quality: EchoQuality = Field(description="The quality preset used, in OpenAI's vocabulary.")
     output_format: OutputFormat = Field(description="Encoding of every image.")
     background: Literal["opaque"] = Field("opaque", description="Generated background.")
+    usage: Usage
+
+
+class ImageStreamEvent(BaseModel):
+    """`image_generation.partial_image` / `.completed` (edits: `image_edit.*`), one SSE message each."""
+
+    type: str = Field(description="The event type, also the SSE event name.")
+    b64_json: str = Field(description="The encoded preview or final image.")
+    created_at: int = Field(description="Unix seconds.")
+    size: Literal["1024x1024", "1024x1536", "1536x1024", "auto"] = Field(description="auto unless a schema size.")
+    quality: EchoQuality
+    background: Literal["opaque"] = "opaque"
+    output_format: OutputFormat
+    partial_image_index: int | None = Field(None, description="Partial events: 0 .. partial_images - 1.")
+    usage: Usage | None = Field(None, description="Completed events.")
 
 
 class ModelCard(BaseModel):

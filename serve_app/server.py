@@ -12,6 +12,7 @@ import base64
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -20,7 +21,7 @@ from ray import serve
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.encoding import encode_image
 from serve_app.errors import ArtServeError, GenerationError, ServiceUnavailableError
-from serve_app.job import GenerationJob, ImageResult
+from serve_app.job import GenerationJob, GenerationResult, ImageResult, PartialImage
 from serve_app.metrics import ModelMetrics
 from serve_app.readiness import deployment_name
 from serve_app.scheduler import StepScheduler, Ticket
@@ -69,7 +70,29 @@ class ModelServer:
             self.metrics, self._engine_error,
         )
 
-    async def generate(self, job: GenerationJob) -> list[ImageResult]:
+    async def generate(self, job: GenerationJob) -> GenerationResult:
+        return await self._run(job, None)
+
+    async def generate_stream(self, job: GenerationJob) -> AsyncIterator[PartialImage | GenerationResult]:
+        """Serve streams what this yields to the ingress: the previews as they are decoded,
+        then the result. Closing the stream (the client left) cancels the generation."""
+        previews: asyncio.Queue = asyncio.Queue()
+        run = asyncio.ensure_future(self._run(job, previews))
+        try:
+            while True:
+                preview = asyncio.ensure_future(previews.get())
+                await asyncio.wait({preview, run}, return_when=asyncio.FIRST_COMPLETED)
+                if not preview.done():
+                    preview.cancel()
+                    break
+                yield await self._encode_preview(job, *preview.result())
+            while not previews.empty():
+                yield await self._encode_preview(job, *previews.get_nowait())
+            yield run.result()
+        finally:
+            run.cancel()
+
+    async def _run(self, job: GenerationJob, previews: asyncio.Queue | None) -> GenerationResult:
         from serve_app.engine.runners import ImageSpec
 
         loop = asyncio.get_running_loop()
@@ -81,17 +104,28 @@ class ModelServer:
             spec = ImageSpec(prompt=job.prompt, negative_prompt=job.negative_prompt, width=job.width,
                              height=job.height, steps=job.num_inference_steps, guidance=job.guidance_scale, seed=seed)
             key = ("alone", job.request_id, index) if job.deterministic else self.runner.batch_key(spec)
-            works.append(Work(Ticket(job.request_id, index, key, arrived), spec, _deliverer(loop, futures[index])))
+            work = Work(Ticket(job.request_id, index, key, arrived), spec, _deliverer(loop, futures[index]))
+            if previews is not None and job.partial_images:
+                work.preview_at = preview_steps(job.num_inference_steps, job.partial_images)
+                work.on_preview = _preview_sink(loop, previews)
+            works.append(work)
         self.loop.submit(works)
         finishing = [asyncio.ensure_future(self._finish(job, i, future, cancelled)) for i, future in enumerate(futures)]
         try:
-            return list(await asyncio.gather(*finishing))
+            images = list(await asyncio.gather(*finishing))
         except BaseException:  # cancelled (client gone, timeout) or one image failed: stop the rest
             cancelled.set()
             self.loop.cancel(job.request_id)
             for task in finishing:
                 task.cancel()
             raise
+        return GenerationResult(images, self.engine.count_tokens(job.prompt))
+
+    async def _encode_preview(self, job: GenerationJob, index: int, image) -> PartialImage:
+        data = await asyncio.get_running_loop().run_in_executor(
+            self._encoders, encode_image, image, job.output_format, job.output_compression
+        )
+        return PartialImage(index, base64.b64encode(data).decode())
 
     def check_health(self) -> None:
         # A CUDA context that hit a fatal error stays broken: let Serve replace the replica.
@@ -158,3 +192,14 @@ def _deliverer(loop: asyncio.AbstractEventLoop, future: asyncio.Future):
             future.set_result((outcome, batch_size))
 
     return lambda outcome, batch_size: loop.call_soon_threadsafe(settle, outcome, batch_size)
+
+
+def preview_steps(steps: int, partial_images: int) -> tuple[int, ...]:
+    """After which steps to show previews: evenly spaced, never before the first step nor
+    after the last (with fewer steps than previews, a step shows more than one)."""
+    return tuple(max(1, min(steps, round((k + 1) * steps / (partial_images + 1)))) for k in range(partial_images))
+
+
+def _preview_sink(loop: asyncio.AbstractEventLoop, previews: asyncio.Queue):
+    count = iter(range(1_000_000))
+    return lambda image: loop.call_soon_threadsafe(previews.put_nowait, (next(count), image))

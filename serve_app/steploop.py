@@ -31,6 +31,8 @@ class Work:
     deliver: Deliver
     state: Any = None  # the runner's per-image state, once admitted
     largest_batch: int = 0
+    preview_at: tuple[int, ...] = ()  # after these steps, decode the estimate and hand it to on_preview
+    on_preview: Callable[[Any], None] | None = None
 
 
 @dataclass
@@ -86,6 +88,17 @@ class StepLoop:
             self.metrics.cancelled_steps(steps)
 
     def _run(self) -> None:
+        while True:
+            try:
+                self._loop()
+                return
+            except Exception as exc:  # a bug here must fail the images in flight, not stop the replica
+                logger.exception("step loop error")
+                with self._lock:
+                    stuck = [w for w in self._work.values() if w.ticket in self.scheduler.running]
+                self._fail(stuck, exc)
+
+    def _loop(self) -> None:
         import torch  # the loop's thread does all tensor work
 
         last_step_ended: float | None = None  # set only when nothing but a step happened since
@@ -142,7 +155,8 @@ class StepLoop:
         self.metrics.step(len(running), seconds, whole_call=getattr(self.runner, "whole_call", False))
         for work in running:
             work.largest_batch = max(work.largest_batch, len(running))
-        finished = [w for w in running if w.state.done]
+        failed = [w for w in running if not self._preview(w)]
+        finished = [w for w in running if w.state.done and w not in failed]
         if not finished:
             return False
         try:
@@ -154,6 +168,19 @@ class StepLoop:
         self.metrics.images(len(finished))
         for work, image in zip(finished, images, strict=True):
             work.deliver(image, work.largest_batch)
+        return True
+
+    def _preview(self, work: Work) -> bool:
+        """Previews due after this step (a position may repeat when steps are few)."""
+        if not work.preview_at:
+            return True
+        for _ in range(work.preview_at.count(work.state.index)):
+            try:
+                image = self.runner.preview(work.state)
+            except Exception as exc:
+                self._fail([work], exc)
+                return False
+            work.on_preview(image)  # type: ignore[misc]
         return True
 
     def _fail(self, works: list[Work], exc: Exception) -> None:

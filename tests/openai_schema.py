@@ -1,13 +1,8 @@
-"""Validate bodies against OpenAI's official Images/Models schemas (../shared/schemas).
-
-One documented relaxation: ImagesResponse's `size` and `quality` enums list only the
-gpt-image values (1024x1024…, low/medium/high). The SPEC, which wins over the schema,
-returns the size actually generated and the dall-e-3 vocabulary (standard/hd), so those
-two enums are widened to strings. Everything else is checked as published."""
+"""Validate bodies and stream events against OpenAI's official Images/Models schemas
+(../shared/schemas/openai), exactly as published: no enum is widened."""
 
 from __future__ import annotations
 
-import copy
 import json
 from functools import cache
 from pathlib import Path
@@ -20,11 +15,7 @@ SCHEMA_FILE = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "open
 
 @cache
 def _document() -> dict:
-    document = copy.deepcopy(json.loads(SCHEMA_FILE.read_text()))
-    props = document["components"]["schemas"]["ImagesResponse"]["properties"]
-    for name in ("size", "quality"):
-        props[name].pop("enum")
-    return document
+    return json.loads(SCHEMA_FILE.read_text())
 
 
 def validate(body: dict, schema_name: str) -> None:

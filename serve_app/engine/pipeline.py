@@ -48,6 +48,22 @@ class DiffusersEngine:
             self.pipeline, model.engine, optimize.plan(model.engine, hardware), self.device, model.id
         )
 
+    def count_tokens(self, prompt: str) -> int:
+        """Prompt tokens as the model sees them: the longest count over its text encoders'
+        tokenizers, each capped at what that encoder reads (77 for CLIP, the T5 length)."""
+        from serve_app.engine.runners.flow import t5_length
+
+        counts = []
+        for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+            tokenizer = getattr(self.pipeline, name, None)
+            if tokenizer is None:
+                continue
+            limit = tokenizer.model_max_length
+            if "t5" in type(getattr(self.pipeline, name.replace("tokenizer", "text_encoder"), None)).__name__.lower():
+                limit = t5_length(limit, self.model.max_sequence_length)
+            counts.append(len(tokenizer(prompt, truncation=True, max_length=limit).input_ids))
+        return max(counts, default=0)
+
     def generate(self, inputs: PipelineInputs) -> list[Image.Image]:
         # One generator per image: its noise depends on its own seed only, whatever else
         # shares the call, so a seed reproduces the same image in any batch.

@@ -52,8 +52,11 @@ def test_n_images_of_the_requested_size_and_format(client, model, response_forma
     assert len(set(images)) == 3
     body = result.model_dump(exclude_none=True)
     validate(body, "ImagesResponse")
-    assert (body["size"], body["output_format"], body["quality"]) == (
-        "512x256" if model == "tiny-sd" else "256x512", "png", "standard")
+    # Echoes stay inside OpenAI's enums: no size outside the schema's list, quality as low/medium/high.
+    assert "size" not in body
+    assert (body["output_format"], body["quality"], body["background"]) == ("png", "medium", "opaque")
+    assert body["usage"]["output_tokens"] == 3 * (512 // 16) * (256 // 16)
+    assert body["usage"]["input_tokens"] == body["usage"]["input_tokens_details"]["text_tokens"] > 0
 
 
 @pytest.mark.parametrize("output_format", ["jpeg", "webp"])
@@ -69,6 +72,9 @@ def test_reference_example_shape(client):
     response = client.images.generate(model="tiny-flux", prompt="A minimalist logo for a tech startup, flat design, "
                                       "blue tones", n=1, size="1024x1024", quality="hd",
                                       extra_body={"num_inference_steps": 2})
+    body = response.model_dump(exclude_none=True)
+    validate(body, "ImagesResponse")
+    assert (body["size"], body["quality"]) == ("1024x1024", "high")
     fetched = httpx.get(response.data[0].url, timeout=30)
     assert fetched.headers["content-type"] == "image/webp"
     assert Image.open(io.BytesIO(fetched.content)).size == (1024, 1024)

@@ -38,11 +38,17 @@ class Recorder:
 
 
 @pytest.fixture(scope="module")
-def runner():
+def engine():
     from serve_app.engine.pipeline import DiffusersEngine
+
+    return DiffusersEngine(load_model_config(MODELS / "tiny-flux.yaml"))
+
+
+@pytest.fixture(scope="module")
+def runner(engine):
     from serve_app.engine.runners import make_runner
 
-    return make_runner(DiffusersEngine(load_model_config(MODELS / "tiny-flux.yaml")))
+    return make_runner(engine)
 
 
 def spec(steps: int, seed: int = 1, size: int = 128):
@@ -129,3 +135,29 @@ def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(runner):
     request_id, _, outcome, _ = results.get(timeout=60)
     loop.stop()
     assert request_id == "good" and outcome.size == (128, 128)
+
+
+def test_whole_call_mode_batches_same_shape_images_into_one_pipeline_call(engine):
+    from serve_app.engine.runners import WholeCallRunner
+
+    whole = WholeCallRunner(engine)
+    loop = StepLoop(whole, StepScheduler(4, join_running=False), Recorder(), lambda exc: GenerationError(str(exc)))
+    results: queue.Queue = queue.Queue()
+    submit(loop, whole, "a", [spec(3, seed=s) for s in range(3)], results)
+    outcomes = [results.get(timeout=60) for _ in range(3)]
+    loop.stop()
+    assert all(out.size == (128, 128) and batch == 3 for _, _, out, batch in outcomes)
+    assert loop.stats.steps == 1  # one pipeline call for the three images
+
+
+def test_previews_are_decoded_after_their_steps(runner):
+    loop, _ = start(runner)
+    results: queue.Queue = queue.Queue()
+    previews: list = []
+    s = spec(6)
+    work = Work(Ticket("p", 0, runner.batch_key(s)), s, lambda out, batch: results.put(out),
+                preview_at=(2, 4), on_preview=previews.append)
+    loop.submit([work])
+    final = results.get(timeout=60)
+    loop.stop()
+    assert len(previews) == 2 and all(p.size == final.size for p in previews)

@@ -51,6 +51,7 @@ class DenoiseState:
     cond: dict[str, Any] = field(default_factory=dict)  # family-specific tensors
     step_kwargs: dict[str, Any] = field(default_factory=dict)
     index: int = 0  # next timestep to run
+    x0: torch.Tensor | None = None  # the last step's estimate of the final latents (previews)
 
     @property
     def done(self) -> bool:
@@ -98,13 +99,23 @@ class Runner:
     def step(self, states: list[DenoiseState]) -> None:
         outputs = self.denoise(states)
         for state, output in zip(states, outputs, strict=True):
-            state.latents = state.scheduler.step(output, state.t, state.latents, **state.step_kwargs,
-                                                 return_dict=False)[0]
+            stepped = state.scheduler.step(output, state.t, state.latents, **state.step_kwargs)
+            state.x0 = self.estimate(state, output, stepped)
+            state.latents = stepped.prev_sample
             state.index += 1
 
     def finish(self, states: list[DenoiseState]) -> list[Image.Image]:
         latents = torch.cat([s.latents for s in states])
         return self.decode(latents, states)
+
+    def preview(self, state: DenoiseState) -> Image.Image:
+        """The current estimate of the final image (the scheduler's x0 prediction), decoded
+        by the model's own VAE: what a streamed partial image shows."""
+        return self.decode(state.x0 if state.x0 is not None else state.latents, [state])[0]
+
+    def estimate(self, state: DenoiseState, output: torch.Tensor, stepped: Any) -> torch.Tensor | None:
+        """x0 from the step: the scheduler's own prediction where it gives one (DDIM, Euler)."""
+        return getattr(stepped, "pred_original_sample", None)
 
     # -- what families fill in --------------------------------------------------------
     def encode(self, spec: ImageSpec) -> dict[str, Any]:

@@ -27,6 +27,11 @@ class FlowRunner(Runner):
         tokenizer = getattr(self.pipe, self.t5_tokenizer, None)
         return t5_length(getattr(tokenizer, "model_max_length", None), self.model.max_sequence_length)
 
+    def estimate(self, state: DenoiseState, output: torch.Tensor, stepped: Any) -> torch.Tensor:
+        # Flow matching predicts the velocity v = noise - x0 at sigma = t / T: x0 = x_t - sigma * v.
+        sigma = state.t / state.scheduler.config.num_train_timesteps
+        return state.latents - sigma.to(state.latents.dtype) * output
+
     def vae_decode(self, latents: torch.Tensor) -> list[Image.Image]:
         vae = self.pipe.vae
         latents = latents / vae.config.scaling_factor + vae.config.shift_factor
