@@ -96,7 +96,7 @@ def test_playground_generates_and_shows_images(server, browser, tmp_path):
     # A bad request is explained, not dumped: a size the model does not accept.
     prompt = "a lighthouse on a cliff at sunset"
     _generate(browser, model="tiny-sd", prompt=prompt, n=1, seed=7, quality="low", format="b64_json")
-    _wait(browser, lambda d: "image(s) from tiny-sd" in _status(d))
+    _wait(browser, lambda d: "1 image from tiny-sd in" in _status(d))
     browser.execute_script("document.getElementById('size').add(new Option('100x100', '100x100'))")
     _generate(browser, size="100x100")
     _wait(browser, lambda d: "could not use these settings" in _status(d))
@@ -104,7 +104,7 @@ def test_playground_generates_and_shows_images(server, browser, tmp_path):
 
     # Two inline images with their seeds and revised prompts.
     _generate(browser, size="256x256", n=2, seed=1234, style="natural")
-    _wait(browser, lambda d: "2 image(s) from tiny-sd" in _status(d))
+    _wait(browser, lambda d: "2 images from tiny-sd in" in _status(d))
     shown = _wait(browser, lambda d: (imgs := _shown_images(d)) and all(i["complete"] for i in imgs) and imgs)
     assert [i["seed"] for i in shown] == ["seed 1234", "seed 1235"]
     assert all(i["width"] == 256 for i in shown), shown
@@ -120,7 +120,7 @@ def test_playground_generates_and_shows_images(server, browser, tmp_path):
 
     # One image by signed URL, from the other model.
     _generate(browser, model="tiny-flux", n=1, seed=99, format="url")
-    _wait(browser, lambda d: "1 image(s) from tiny-flux" in _status(d))
+    _wait(browser, lambda d: "1 image from tiny-flux in" in _status(d))
     shown = _wait(browser, lambda d: (imgs := _shown_images(d)) and all(i["complete"] for i in imgs) and imgs)
     assert shown[0]["width"] > 0 and shown[0]["seed"] == "seed 99"
     assert shown[0]["src"].startswith(server.base_url + "/")
