@@ -12,6 +12,7 @@ down on; a second one kills it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -100,7 +101,8 @@ class Launcher:
         self._first_signal_at = 0.0
 
     def say(self, line: str) -> None:
-        print(line, file=self.out, flush=True)
+        with contextlib.suppress(OSError, ValueError):  # stdout closed (piped into `head`...): keep serving
+            print(line, file=self.out, flush=True)
 
     def _forward(self, signum, _frame) -> None:
         self._signals += 1
@@ -120,7 +122,12 @@ class Launcher:
         self.process = subprocess.Popen(command, start_new_session=True)
         signal.signal(signal.SIGINT, self._forward)
         signal.signal(signal.SIGTERM, self._forward)
-        self.watch()
+        try:
+            self.watch()
+        except BaseException:  # never leave serve run (in its own session) behind
+            self._forward(signal.SIGINT, None)
+            self.wait()
+            raise
         return self.wait()
 
     def watch(self) -> None:

@@ -177,5 +177,7 @@ def test_every_dashboard_query_returns_data(server, prometheus, tmp_path):
     report.write_text("\n".join(lines) + "\n")
     print(f"\ndashboard query report: {report}\n" + "\n".join(lines))
     assert {200, 400, 404} <= counts.keys(), counts
+    broken = [f"{t} [{ref}]: {detail}" for (t, ref), (_, detail) in results.items() if detail.startswith("query error")]
+    assert not broken, "queries Prometheus rejects:\n" + "\n".join(broken)  # declared or not
     missing = [f"{t} [{ref}]: {results[(t, ref)][1]}" for (t, ref) in required if not results[(t, ref)][0]]
     assert not missing, "panels without data:\n" + "\n".join(missing)
