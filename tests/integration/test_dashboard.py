@@ -122,7 +122,7 @@ def _load(base_url: str, stop: threading.Event, counts: dict[int, int]) -> None:
         {"model": "tiny-sd", "prompt": "bad size", "size": "100x100"},
         {"model": "no-such-model", "prompt": "x"},
     ]
-    abandoned = {"model": "tiny-sd-small", "prompt": "left", "num_inference_steps": 30, "response_format": "b64_json"}
+    abandoned = {"model": "tiny-sd-small", "prompt": "left", "num_inference_steps": 100, "response_format": "b64_json"}
     with httpx.Client(headers=headers, timeout=60) as client:
         for round_ in range(200):
             for body in bodies + ([abandoned] if round_ % 5 == 1 else []):
