@@ -33,6 +33,7 @@ from serve_app.errors import (
 )
 from serve_app.job import GenerationResult
 from serve_app.metrics import IngressMetrics
+from serve_app.playground import mount_playground
 from serve_app.presets import resolve_job
 from serve_app.protocol import ModelCard, ModelList, parse_generate_request
 from serve_app.readiness import ModelReadiness
@@ -226,4 +227,5 @@ def create_api(ingress: ImageIngress) -> FastAPI:
             headers={"Cache-Control": f"private, max-age={remaining_s}"},
         )
 
+    mount_playground(api)  # the page at `/` (no key needed to load it; its API calls carry one)
     return api

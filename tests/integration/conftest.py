@@ -7,10 +7,12 @@ A second application at `/gcs` stores its images in a bucket of `gcp-storage-emu
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -95,9 +97,13 @@ def _all_models_generate(base_url: str) -> bool:
 
 
 class Server:
-    def __init__(self, base_url: str, storage: Path, log: Path, emulator: Emulator, gcs_public_key):
+    def __init__(self, base_url: str, storage: Path, log: Path, emulator: Emulator, gcs_public_key,
+                 ray_tmp: Path | None = None):
         self.base_url, self.storage, self.log = base_url, storage, log
         self.emulator, self.gcs_public_key = emulator, gcs_public_key
+        # This session's own Ray temp dir: its metrics agent lists its Prometheus endpoint in
+        # ray/session_latest/prom_metrics_service_discovery.json (tests/integration/test_dashboard.py).
+        self.ray_tmp = ray_tmp
 
     def client(self, api_key: str = API_KEY, prefix: str = "", **kwargs) -> openai.OpenAI:
         return openai.OpenAI(
@@ -125,6 +131,8 @@ def server(tmp_path_factory) -> Server:
     config_path.write_text(yaml.safe_dump(config))
     emulator = Emulator(work / "gcs").start()
     gcs_public_key = service_account_key(work / "service-account.json")
+    # Short (Ray's socket paths must stay under 108 bytes) and not shared with other Ray runs.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="artserve-ray-"))
     env = {
         **os.environ,
         "ARTSERVE_API_KEYS": f"{API_KEY},second-key",
@@ -133,6 +141,7 @@ def server(tmp_path_factory) -> Server:
         "GOOGLE_APPLICATION_CREDENTIALS": str(work / "service-account.json"),
         "HF_HUB_OFFLINE": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_TMPDIR": str(ray_tmp),
     }
     log = work / "serve.log"
     serve_bin = Path(sys.executable).with_name("serve")
@@ -152,7 +161,7 @@ def server(tmp_path_factory) -> Server:
             if _all_models_generate(base_url):
                 break
             time.sleep(1)
-        yield Server(base_url, storage, log, emulator, gcs_public_key)
+        yield Server(base_url, storage, log, emulator, gcs_public_key, ray_tmp)
     finally:
         os.killpg(process.pid, signal.SIGINT)  # serve run shuts Serve and its Ray down on Ctrl-C
         try:
@@ -160,6 +169,7 @@ def server(tmp_path_factory) -> Server:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
         emulator.stop()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
