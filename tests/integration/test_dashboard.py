@@ -110,8 +110,8 @@ def prometheus(server, tmp_path_factory):
 
 
 def _load(base_url: str, stop: threading.Event, counts: dict[int, int]) -> None:
-    """Bounded: runs until `stop` or 200 rounds. Successes on two models (batched n=2), a
-    400, a 404, and now and then a request the client abandons mid-generation (on
+    """Bounded: runs until `stop` or 200 rounds. Successes on two step-engine models (batched
+    n=2) and on a whole-call model (`tiny-pixart`: the pipeline-call panels), a 400, a 404, and now and then a request the client abandons mid-generation (on
     `tiny-sd-small`, its own replica: a model that does not stop abandoned work stays busy
     with it without holding up the rest of the load)."""
     headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -119,6 +119,7 @@ def _load(base_url: str, stop: threading.Event, counts: dict[int, int]) -> None:
     bodies = [
         {"model": "tiny-sd", "prompt": "a red fox", "n": 2, "num_inference_steps": 2, "response_format": "b64_json"},
         {"model": "tiny-flux", "prompt": "a blue bird", "num_inference_steps": 2, "response_format": "url"},
+        {"model": "tiny-pixart", "prompt": "a green frog", "num_inference_steps": 2, "response_format": "b64_json"},
         {"model": "tiny-sd", "prompt": "bad size", "size": "100x100"},
         {"model": "no-such-model", "prompt": "x"},
     ]
