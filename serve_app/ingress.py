@@ -5,34 +5,40 @@ API key, resolves presets (presets.py) and hands a `GenerationJob` to the model'
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
 import math
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from ray import serve
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve_app import idempotency
 from serve_app.auth import ApiKeys
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.errors import (
     ArtServeError,
     GenerationError,
-    InvalidRequestError,
+    IdempotencyConflictError,
     MethodNotAllowedError,
     ModelNotFoundError,
     NotFoundError,
     RateLimitError,
     ServiceUnavailableError,
 )
-from serve_app.job import ImageResult
+from serve_app.idempotency import fingerprint
+from serve_app.job import GenerationJob, ImageResult
+from serve_app.limits import BodyLimitMiddleware, decode_json_body
 from serve_app.metrics import IngressMetrics
+from serve_app.openapi import GENERATIONS_DOC, MODEL_DOC, MODELS_DOC, install_openapi
 from serve_app.presets import resolve_job
 from serve_app.protocol import ImageData, ImagesResponse, ModelCard, ModelList, parse_generate_request
 from serve_app.readiness import ModelReadiness
@@ -42,16 +48,29 @@ from serve_app.storage.local import ROUTE_PREFIX, LocalImageStore
 logger = logging.getLogger("ray.serve")
 RETRY_AFTER_S = 2
 NOT_READY_RETRY_AFTER_S = 10
+SMALL_BODY_BYTES = 64 * 1024  # routes that take no body (GETs, unknown paths)
 
 
 def error_response(error: ArtServeError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
+    return JSONResponse(error.body(), status_code=error.status_code, headers=error.response_headers())
 
 
 def _serve_request_id() -> str:
     from ray.serve.context import _get_serve_request_context
 
     return _get_serve_request_context().request_id
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a replica (unit tests)
+        return "-"
+
+
+# A model replica that died or became unreachable mid-request: the request itself was fine
+# and the model comes back (Serve restarts the replica), so "try again", never "our bug".
+REPLICA_LOST = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError, ReplicaUnavailableError)
 
 
 def _from_replica(exc: BaseException) -> ArtServeError:
@@ -67,8 +86,23 @@ def _from_replica(exc: BaseException) -> ArtServeError:
         )
     if isinstance(exc, DeploymentUnavailableError):
         return ServiceUnavailableError("The model is not available right now; try again later.")
+    if isinstance(exc, REPLICA_LOST) or isinstance(cause, REPLICA_LOST):
+        logger.warning("model replica lost mid-request: %s", type(exc).__name__)
+        return ServiceUnavailableError(
+            "The model replica serving this request was lost; try again.",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
     logger.error("model call failed: %r", exc)
     return GenerationError("Image generation failed.")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated request, ready for its model."""
+
+    model_id: str
+    job: GenerationJob
+    quality: str
 
 
 @serve.deployment
@@ -79,10 +113,12 @@ class ImageIngress:
         config: AppConfig,
         models: dict[str, ModelConfig],
         handles: dict[str, DeploymentHandle],
+        idempotency: DeploymentHandle | None = None,
     ):
         self.config = config
         self.models = models
         self.handles = handles
+        self.idempotency = idempotency
         self.keys = ApiKeys.from_env()
         self.metrics = IngressMetrics()
         self.readiness = ModelReadiness(
@@ -95,25 +131,46 @@ class ImageIngress:
             if config.uses_gcs()
             else LocalImageStore(config.storage, url_ttl_s=config.url_ttl_s, public_url=config.public_url)
         )
+        self._janitor: asyncio.Task | None = None
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self)
 
-    async def generate(self, body: Any, request_id: str, base_url: str) -> JSONResponse:
-        model_tag = body.get("model") if isinstance(body, dict) and body.get("model") in self.models else "-"
+    async def check_health(self) -> None:
+        # Serve calls this every few seconds from the replica's loop: the janitor's start.
+        if self.local_store is not None and self._janitor is None:
+            self._janitor = asyncio.create_task(self._sweep_forever(self.local_store))
+
+    async def _sweep_forever(self, store: LocalImageStore) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(store.sweep)
+            except Exception:  # a janitor that dies would let the disk fill: log and go on
+                logger.exception("janitor: sweeping %s failed", store.root)
+            await asyncio.sleep(self.config.janitor_period_s)
+
+    async def generate(
+        self, body: Any, request_id: str, base_url: str, idempotency_key: str | None = None
+    ) -> JSONResponse:
+        model = body.get("model") if isinstance(body, dict) else None
+        model_tag = model if isinstance(model, str) and model in self.models else "-"
         try:
-            response = await self._generate(body, request_id, base_url)
+            prepared = await self._prepare(body, request_id, base_url)
+            if idempotency_key is None:
+                content, headers = await self._run(prepared)
+            else:
+                content, headers = await self._run_once(idempotency_key, fingerprint(body), prepared)
         except ArtServeError as exc:
             self.metrics.response(model_tag, exc.status_code)
             raise
         self.metrics.response(model_tag, 200)
-        return response
+        return JSONResponse(content, headers=headers)
 
-    async def _generate(self, body: Any, request_id: str, base_url: str) -> JSONResponse:
+    async def _prepare(self, body: Any, request_id: str, base_url: str) -> Prepared:
         request = parse_generate_request(body)
-        model = self.models.get(request.model)
+        model = self.models.get(request.model) if isinstance(request.model, str) else None
         if model is None:
-            raise ModelNotFoundError(request.model)
+            raise ModelNotFoundError(str(request.model))
         job = resolve_job(request, model, request_id=request_id, base_url=base_url)
         reason = await self.readiness.not_ready_reason(model.id)
         if reason:
@@ -122,7 +179,44 @@ class ImageIngress:
             "request %s: model=%s n=%d size=%dx%d steps=%d user=%s",
             request_id, model.id, job.n, job.width, job.height, job.num_inference_steps, request.user,
         )
-        response = self.handles[model.id].generate.remote(job)
+        return Prepared(model.id, job, request.quality or "standard")
+
+    async def _run_once(
+        self, key: str, body_fingerprint: str, prepared: Prepared
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """SPEC "Retry safety": the first request with this key generates; repeats get its
+        response (waiting for it while it runs); another body under the key is a 409."""
+        if self.idempotency is None:
+            return await self._run(prepared)
+        try:
+            state, stored = await self.idempotency.claim.remote(key, body_fingerprint, self.config.request_timeout_s)
+        except Exception as exc:
+            logger.warning("idempotency store unreachable: %r", exc)
+            raise ServiceUnavailableError("Idempotency-Key handling is unavailable; try again.") from None
+        if state == idempotency.DONE:
+            assert stored is not None
+            return stored["content"], {**stored["headers"], "x-artserve-idempotent-replay": "true"}
+        if state == idempotency.CONFLICT:
+            raise IdempotencyConflictError(
+                "This Idempotency-Key was already used with a different request body.", param=None
+            )
+        if state == idempotency.BUSY:
+            raise ServiceUnavailableError("The first request with this Idempotency-Key is still running; retry.")
+        try:
+            content, headers = await self._run(prepared)
+        except BaseException:
+            with contextlib.suppress(Exception):  # a failure is not kept: a retry runs again
+                await self.idempotency.release.remote(key)
+            raise
+        try:
+            await self.idempotency.complete.remote(key, {"content": content, "headers": headers})
+        except Exception as exc:  # the images exist: answer, even if a repeat may pay again
+            logger.warning("idempotency store unreachable, response not kept: %r", exc)
+        return content, headers
+
+    async def _run(self, prepared: Prepared) -> tuple[dict[str, Any], dict[str, str]]:
+        job = prepared.job
+        response = self.handles[prepared.model_id].generate.remote(job)
         try:
             results: list[ImageResult] = await asyncio.wait_for(response, self.config.request_timeout_s)
         except TimeoutError:
@@ -130,19 +224,18 @@ class ImageIngress:
             raise ServiceUnavailableError("Image generation timed out; try again later.") from None
         except Exception as exc:
             raise _from_replica(exc) from None
-        body = ImagesResponse(
+        content = ImagesResponse(
             created=int(time.time()),
             data=[
                 ImageData(url=r.url, b64_json=r.b64_json, revised_prompt=job.prompt, seed=r.seed)
                 for r in results
             ],
             size=f"{job.width}x{job.height}",
-            quality=request.quality or "standard",
+            quality=prepared.quality,  # type: ignore[arg-type]
             output_format=job.output_format,  # type: ignore[arg-type]
         ).model_dump(exclude_none=True)
         # How many images shared this request's pipeline call(s): batching made visible.
-        headers = {"x-artserve-batch-size": str(max(r.batch_size for r in results))}
-        return JSONResponse(body, headers=headers)
+        return content, {"x-artserve-batch-size": str(max(r.batch_size for r in results))}
 
     async def model_card(self, model: ModelConfig) -> ModelCard:
         status, running = await self.readiness.state(model.id)
@@ -164,9 +257,15 @@ class ImageIngress:
 
 def create_api(ingress: ImageIngress) -> FastAPI:
     api = FastAPI(title="ArtServe", version="0.1.0", docs_url=None, redoc_url=None)
+    config = ingress.config
+    limits = {"/v1/images/generations": config.max_json_body_bytes,
+              "/v1/images/edits": config.max_upload_body_bytes,
+              "/v1/images/variations": config.max_upload_body_bytes}
 
     def authorize(request: Request) -> None:
         ingress.keys.check(request.headers.get("authorization"))
+
+    replica = _replica_id()
 
     @api.middleware("http")
     async def request_context(request: Request, call_next):
@@ -174,7 +273,9 @@ def create_api(ingress: ImageIngress) -> FastAPI:
         # every response and tags its own log lines with it; we reuse the same id.
         request.state.request_id = _serve_request_id() or f"req_{secrets.token_hex(12)}"
         try:
-            return await call_next(request)
+            response = await call_next(request)
+            response.headers["x-artserve-replica"] = replica  # which ingress replica answered
+            return response
         except Exception:  # the last line of defence: never a bare 500 or a stack trace
             if await request.is_disconnected():  # the client left; Serve cancelled the work
                 logger.info("request %s: client disconnected", request.state.request_id)
@@ -196,22 +297,23 @@ def create_api(ingress: ImageIngress) -> FastAPI:
             return error_response(MethodNotAllowedError(f"Method not allowed: {where}."))
         return error_response(NotFoundError(f"Unknown request URL: {where}."))
 
-    @api.post("/v1/images/generations", dependencies=[Depends(authorize)])
+    @api.post("/v1/images/generations", dependencies=[Depends(authorize)], openapi_extra=GENERATIONS_DOC)
     async def images_generations(request: Request) -> JSONResponse:
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            raise InvalidRequestError(
-                "We could not parse the JSON body of your request.", code="invalid_json"
-            ) from None
-        return await ingress.generate(body, request.state.request_id, str(request.base_url))
+        body = decode_json_body(await request.body())  # 413 past the limit, while reading
+        key = request.headers.get(idempotency.HEADER)
+        scoped = (
+            idempotency.scoped_key(request.headers.get("authorization"), idempotency.check_key(key))
+            if key is not None
+            else None
+        )
+        return await ingress.generate(body, request.state.request_id, str(request.base_url), scoped)
 
-    @api.get("/v1/models", dependencies=[Depends(authorize)])
+    @api.get("/v1/models", dependencies=[Depends(authorize)], openapi_extra=MODELS_DOC)
     async def list_models() -> JSONResponse:
         cards = [await ingress.model_card(m) for m in ingress.models.values()]
         return JSONResponse(ModelList(data=cards).model_dump(exclude_none=True))
 
-    @api.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)])
+    @api.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)], openapi_extra=MODEL_DOC)
     async def get_model(model_id: str) -> JSONResponse:
         model = ingress.models.get(model_id)
         if model is None:
@@ -231,4 +333,7 @@ def create_api(ingress: ImageIngress) -> FastAPI:
             headers={"Cache-Control": f"private, max-age={remaining_s}"},
         )
 
+    # Outermost: a body over the route's limit is refused before anything else reads it.
+    api.add_middleware(BodyLimitMiddleware, limit_for=lambda path: limits.get(path, SMALL_BODY_BYTES))
+    install_openapi(api)
     return api
