@@ -52,7 +52,7 @@ schema = schemathesis.openapi.from_dict(openai_document())
 schema.config.phases.update(phases=["examples", "coverage", "fuzzing"])
 schema.config.generation.update(
     modes=[schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE],
-    max_examples=450, deterministic=False, no_shrink=False,
+    max_examples=1000, deterministic=False, no_shrink=False,
 )
 
 
