@@ -61,8 +61,8 @@ def start_server(work: Path, port: int) -> subprocess.Popen:
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def replicas(root_pid: int) -> dict[str, psutil.Process]:
-    """Serve's processes under `serve run`, by their Ray process title."""
+def replicas(root_pid: int) -> dict[int, tuple[str, psutil.Process]]:
+    """Serve's processes under `serve run`, by pid, named by their Ray process title."""
     found = {}
     try:
         children = psutil.Process(root_pid).children(recursive=True)
@@ -75,9 +75,10 @@ def replicas(root_pid: int) -> dict[str, psutil.Process]:
             continue
         for marker in ("ServeReplica:", "ServeController", "ProxyActor"):
             if marker in title:
-                # The title gains the method being run (".handle_request..."): drop it.
-                name = title.split("ray::", 1)[-1].split()[0].split(".handle", 1)[0]
-                found[f"{name} (pid {proc.pid})"] = proc
+                name = title.split("ray::", 1)[-1].split()[0]
+                # Drop the method being run (".handle_request...", ".listen_for_change").
+                name = name.split(".handle", 1)[0] if marker == "ServeReplica:" else name.split(".", 1)[0]
+                found[proc.pid] = (name, proc)
     return found
 
 
@@ -130,12 +131,14 @@ async def soak(args, server: subprocess.Popen, client: httpx.AsyncClient) -> dic
     print(f"capacity {cap:.2f} req/s; holding {rate:.2f} req/s for {args.duration_s:.0f}s", flush=True)
     log: list = []
     memory: dict[str, list] = {}
+    names: dict[int, str] = {}  # the title gains the method being run (".handle_request..."): keep the first
     start = time.monotonic()
     tasks: set[asyncio.Task] = set()
     next_sample = 0.0
     while (now := time.monotonic() - start) < args.duration_s:
         if now >= next_sample:
-            for name, proc in replicas(server.pid).items():
+            for pid, (title, proc) in replicas(server.pid).items():
+                name = names.setdefault(pid, f"{title} (pid {pid})")
                 with contextlib.suppress(psutil.Error):
                     memory.setdefault(name, []).append((round(now), proc.memory_info().rss / 2**20))
             next_sample += args.sample_s
