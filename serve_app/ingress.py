@@ -172,9 +172,6 @@ class ImageIngress:
         if model is None:
             raise ModelNotFoundError(str(request.model))
         job = resolve_job(request, model, request_id=request_id, base_url=base_url)
-        reason = await self.readiness.not_ready_reason(model.id)
-        if reason:
-            raise ServiceUnavailableError(reason, headers={"Retry-After": str(NOT_READY_RETRY_AFTER_S)})
         logger.info(
             "request %s: model=%s n=%d size=%dx%d steps=%d user=%s",
             request_id, model.id, job.n, job.width, job.height, job.num_inference_steps, request.user,
@@ -216,6 +213,10 @@ class ImageIngress:
 
     async def _run(self, prepared: Prepared) -> tuple[dict[str, Any], dict[str, str]]:
         job = prepared.job
+        # Here, not in _prepare: an Idempotency-Key replay needs no model.
+        reason = await self.readiness.not_ready_reason(prepared.model_id)
+        if reason:
+            raise ServiceUnavailableError(reason, headers={"Retry-After": str(NOT_READY_RETRY_AFTER_S)})
         response = self.handles[prepared.model_id].generate.remote(job)
         try:
             results: list[ImageResult] = await asyncio.wait_for(response, self.config.request_timeout_s)
