@@ -123,6 +123,7 @@ def server(tmp_path_factory) -> Server:
     app["args"].update(models_dir=str(_models_dir(work)), storage=str(storage))
     # Two ingress replicas: Idempotency-Key must hold across them (test_idempotency.py).
     app["args"]["ingress"] = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.05}}
+    app["args"]["janitor_period_s"] = 2  # test_edge_limits.py watches the janitor delete a file
     config["applications"].append({
         **app, "name": "gcs", "route_prefix": "/gcs",
         "args": {"models": ["tiny-flux-gcs"], "models_dir": app["args"]["models_dir"],

@@ -4,6 +4,8 @@ declared or not), hostile JSON (400), and the OpenAPI document served at /openap
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import httpx
 
@@ -56,3 +58,24 @@ def test_openapi_document_is_served(server):
     operation = document["paths"]["/v1/images/generations"]["post"]
     assert operation["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ImageGenerateRequest")
     assert "ImagesResponse" in document["components"]["schemas"]
+
+
+def test_janitor_runs_in_the_app(server):
+    """The ingress sweeps the local store (every 2 s in the test app): an expired image and a
+    stale .part file go, a fresh image stays."""
+    day = server.storage / "2020" / "01" / "02"
+    day.mkdir(parents=True, exist_ok=True)
+    expired, stale = day / ("e" * 32 + ".png"), day / ("f" * 32 + ".part")
+    fresh = server.storage / "2099" / "01" / "01" / ("a" * 32 + ".png")
+    fresh.parent.mkdir(parents=True, exist_ok=True)
+    for path in (expired, stale, fresh):
+        path.write_bytes(b"x")
+    old = time.time() - 3 * 86400
+    for path in (expired, stale):
+        os.utime(path, (old, old))
+    deadline = time.monotonic() + 30  # Serve's first health check (10 s) starts the janitor
+    while (expired.exists() or stale.exists()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not expired.exists() and not stale.exists()
+    assert fresh.exists()
+    fresh.unlink()
