@@ -15,17 +15,19 @@ The body is kept only as a sha256 fingerprint, to tell a true repeat from a reus
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ray import serve
 
-from serve_app.errors import InvalidRequestError
+from serve_app.errors import IdempotencyConflictError, InvalidRequestError, ServiceUnavailableError
 
 logger = logging.getLogger("ray.serve")
 HEADER = "idempotency-key"
@@ -57,6 +59,38 @@ def fingerprint(body: Any) -> str:
     """Same JSON value → same fingerprint, whatever the key order or spacing."""
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+Response = tuple[dict[str, Any], dict[str, str]]  # JSON body, headers
+
+
+async def run_once(store: Any, key: str, body_fingerprint: str, wait_s: float,
+                   run: Callable[[], Awaitable[Response]]) -> Response:
+    """SPEC "Retry safety", ingress side: the first request with this key runs `run`; repeats
+    get its response (waiting while it runs); another body under the key is a 409. `store`
+    is the `IdempotencyStore` deployment's handle."""
+    try:
+        state, stored = await store.claim.remote(key, body_fingerprint, wait_s)
+    except Exception as exc:
+        logger.warning("idempotency store unreachable: %r", exc)
+        raise ServiceUnavailableError("Idempotency-Key handling is unavailable; try again.") from None
+    if state == DONE:
+        return stored["content"], {**stored["headers"], "x-artserve-idempotent-replay": "true"}
+    if state == CONFLICT:
+        raise IdempotencyConflictError("This Idempotency-Key was already used with a different request body.")
+    if state == BUSY:
+        raise ServiceUnavailableError("The first request with this Idempotency-Key is still running; retry.")
+    try:
+        content, headers = await run()
+    except BaseException:
+        with contextlib.suppress(Exception):  # a failure is not kept: a retry runs again
+            await store.release.remote(key)
+        raise
+    try:
+        await store.complete.remote(key, {"content": content, "headers": headers})
+    except Exception as exc:  # the images exist: answer, even if a repeat may pay again
+        logger.warning("idempotency store unreachable, response not kept: %r", exc)
+    return content, headers
 
 
 @dataclass

@@ -5,7 +5,6 @@ API key, resolves presets (presets.py) and hands a `GenerationJob` to the model'
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import secrets
@@ -27,14 +26,13 @@ from serve_app.config import AppConfig, ModelConfig
 from serve_app.errors import (
     ArtServeError,
     GenerationError,
-    IdempotencyConflictError,
     MethodNotAllowedError,
     ModelNotFoundError,
     NotFoundError,
     RateLimitError,
     ServiceUnavailableError,
 )
-from serve_app.idempotency import fingerprint
+from serve_app.idempotency import fingerprint, run_once
 from serve_app.job import GenerationJob, ImageResult
 from serve_app.limits import BodyLimitMiddleware, decode_json_body
 from serve_app.metrics import IngressMetrics
@@ -156,10 +154,13 @@ class ImageIngress:
         model_tag = model if isinstance(model, str) and model in self.models else "-"
         try:
             prepared = await self._prepare(body, request_id, base_url)
-            if idempotency_key is None:
+            if idempotency_key is None or self.idempotency is None:
                 content, headers = await self._run(prepared)
             else:
-                content, headers = await self._run_once(idempotency_key, fingerprint(body), prepared)
+                content, headers = await run_once(
+                    self.idempotency, idempotency_key, fingerprint(body), self.config.request_timeout_s,
+                    lambda: self._run(prepared),
+                )
         except ArtServeError as exc:
             self.metrics.response(model_tag, exc.status_code)
             raise
@@ -177,39 +178,6 @@ class ImageIngress:
             request_id, model.id, job.n, job.width, job.height, job.num_inference_steps, request.user,
         )
         return Prepared(model.id, job, request.quality or "standard")
-
-    async def _run_once(
-        self, key: str, body_fingerprint: str, prepared: Prepared
-    ) -> tuple[dict[str, Any], dict[str, str]]:
-        """SPEC "Retry safety": the first request with this key generates; repeats get its
-        response (waiting for it while it runs); another body under the key is a 409."""
-        if self.idempotency is None:
-            return await self._run(prepared)
-        try:
-            state, stored = await self.idempotency.claim.remote(key, body_fingerprint, self.config.request_timeout_s)
-        except Exception as exc:
-            logger.warning("idempotency store unreachable: %r", exc)
-            raise ServiceUnavailableError("Idempotency-Key handling is unavailable; try again.") from None
-        if state == idempotency.DONE:
-            assert stored is not None
-            return stored["content"], {**stored["headers"], "x-artserve-idempotent-replay": "true"}
-        if state == idempotency.CONFLICT:
-            raise IdempotencyConflictError(
-                "This Idempotency-Key was already used with a different request body.", param=None
-            )
-        if state == idempotency.BUSY:
-            raise ServiceUnavailableError("The first request with this Idempotency-Key is still running; retry.")
-        try:
-            content, headers = await self._run(prepared)
-        except BaseException:
-            with contextlib.suppress(Exception):  # a failure is not kept: a retry runs again
-                await self.idempotency.release.remote(key)
-            raise
-        try:
-            await self.idempotency.complete.remote(key, {"content": content, "headers": headers})
-        except Exception as exc:  # the images exist: answer, even if a repeat may pay again
-            logger.warning("idempotency store unreachable, response not kept: %r", exc)
-        return content, headers
 
     async def _run(self, prepared: Prepared) -> tuple[dict[str, Any], dict[str, str]]:
         job = prepared.job

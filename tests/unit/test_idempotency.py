@@ -5,11 +5,22 @@ are forgotten, entries expire and stay within the memory bound."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 
-from serve_app.errors import InvalidRequestError
-from serve_app.idempotency import BUSY, CONFLICT, DONE, RUN, IdempotencyStore, check_key, fingerprint, scoped_key
+from serve_app.errors import GenerationError, IdempotencyConflictError, InvalidRequestError, ServiceUnavailableError
+from serve_app.idempotency import (
+    BUSY,
+    CONFLICT,
+    DONE,
+    RUN,
+    IdempotencyStore,
+    check_key,
+    fingerprint,
+    run_once,
+    scoped_key,
+)
 
 Store = IdempotencyStore.func_or_class
 RESPONSE = {"content": {"created": 1, "data": [{"url": "http://x/1", "seed": 1}]}, "headers": {}}
@@ -107,3 +118,50 @@ def test_keys_are_scoped_per_api_key_and_hide_it():
     for bad in ["", "x" * 256, "caf\u00e9", "a\nb"]:
         with pytest.raises(InvalidRequestError):
             check_key(bad)
+
+
+class Handle:
+    """The deployment handle's shape (`handle.method.remote(...)` → awaitable) over the store."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def __getattr__(self, name):
+        return SimpleNamespace(remote=getattr(self.store, name))
+
+
+def test_run_once_runs_once_replays_and_forgets_failures():
+    calls = []
+
+    async def generate():
+        calls.append(1)
+        await asyncio.sleep(0.05)
+        return {"data": [len(calls)]}, {"x-artserve-batch-size": "1"}
+
+    async def fail():
+        raise GenerationError("boom")
+
+    async def go():
+        handle = Handle(Store(ttl_s=60, max_bytes=10_000, lease_s=30))
+        results = await asyncio.gather(*(run_once(handle, "k", "f", 5, generate) for _ in range(4)))
+        assert len(calls) == 1 and all(content == {"data": [1]} for content, _ in results)
+        assert sum(h.get("x-artserve-idempotent-replay") == "true" for _, h in results) == 3
+        with pytest.raises(IdempotencyConflictError):
+            await run_once(handle, "k", "other", 5, generate)
+        with pytest.raises(GenerationError):
+            await run_once(handle, "j", "f", 5, fail)
+        assert (await run_once(handle, "j", "f", 5, generate))[0] == {"data": [2]}  # the failure was forgotten
+
+    run(go())
+
+
+def test_run_once_without_a_reachable_store_is_503():
+    class Down:
+        def __getattr__(self, name):
+            raise RuntimeError("actor died")
+
+    async def go():
+        with pytest.raises(ServiceUnavailableError):
+            await run_once(Down(), "k", "f", 1, lambda: None)
+
+    run(go())
