@@ -9,6 +9,7 @@ from typing import Any
 from ray.serve import Application
 
 from serve_app.config import AppConfig
+from serve_app.idempotency import IdempotencyStore
 from serve_app.ingress import ImageIngress
 from serve_app.server import ModelServer, deployment_options
 
@@ -18,6 +19,8 @@ INGRESS_DEFAULTS: dict[str, Any] = {
     # CPU only, and light: no torch. Many requests in flight, each mostly waiting on a model.
     "ray_actor_options": {"num_cpus": 0.25},
     "max_ongoing_requests": 1000,
+    # Ctrl-C / SIGTERM / a redeploy: requests in flight get this long to finish.
+    "graceful_shutdown_timeout_s": 120,
 }
 
 
@@ -28,5 +31,11 @@ def build_app(args: dict[str, Any]) -> Application:
         model_id: ModelServer.options(**deployment_options(model)).bind(model, config)
         for model_id, model in models.items()
     }
+    # Replays must not hand out links that have expired: keep entries no longer than links live.
+    idempotency = IdempotencyStore.bind(
+        ttl_s=min(config.idempotency_ttl_s, config.url_ttl_s),
+        max_bytes=config.idempotency_max_bytes,
+        lease_s=config.request_timeout_s + 30,
+    )
     logger.info("ArtServe: models %s, images in %s", sorted(models), config.storage)
-    return ImageIngress.options(**{**INGRESS_DEFAULTS, **config.ingress}).bind(config, models, handles)
+    return ImageIngress.options(**{**INGRESS_DEFAULTS, **config.ingress}).bind(config, models, handles, idempotency)

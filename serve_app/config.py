@@ -252,6 +252,11 @@ ENV_OVERRIDES = {
     "public_url": "ARTSERVE_PUBLIC_URL",
     "signing_service_account": "ARTSERVE_SIGNING_SERVICE_ACCOUNT",
     "storage_retry_s": "ARTSERVE_STORAGE_RETRY_S",
+    "max_json_body_bytes": "ARTSERVE_MAX_JSON_BODY_BYTES",
+    "max_upload_body_bytes": "ARTSERVE_MAX_UPLOAD_BODY_BYTES",
+    "idempotency_ttl_s": "ARTSERVE_IDEMPOTENCY_TTL_S",
+    "idempotency_max_bytes": "ARTSERVE_IDEMPOTENCY_MAX_BYTES",
+    "janitor_period_s": "ARTSERVE_JANITOR_PERIOD_S",
 }
 
 
@@ -277,6 +282,26 @@ class AppConfig(Strict):
         20, gt=0, description="gs://: how long to retry a failing upload before a 503. Env: ARTSERVE_STORAGE_RETRY_S."
     )
     request_timeout_s: float = Field(600, gt=0, description="Ingress wait for one generation.")
+    max_json_body_bytes: int = Field(
+        1_000_000, gt=0, description="Largest JSON generations body; larger → 413. Env: ARTSERVE_MAX_JSON_BODY_BYTES."
+    )
+    max_upload_body_bytes: int = Field(
+        16 * 50 * 1024 * 1024 + 1024 * 1024,
+        gt=0,
+        description="Largest edits/variations body (16 images of 50 MB + fields). Env: ARTSERVE_MAX_UPLOAD_BODY_BYTES.",
+    )
+    idempotency_ttl_s: int = Field(
+        86400, gt=0, description="How long an Idempotency-Key's response is replayed. Env: ARTSERVE_IDEMPOTENCY_TTL_S."
+    )
+    idempotency_max_bytes: int = Field(
+        256 * 1024 * 1024,
+        gt=0,
+        description="Memory bound of kept responses (b64_json ones are large); oldest dropped first. "
+        "Env: ARTSERVE_IDEMPOTENCY_MAX_BYTES.",
+    )
+    janitor_period_s: float = Field(
+        600, gt=0, description="Local storage: how often expired images are deleted. Env: ARTSERVE_JANITOR_PERIOD_S."
+    )
     ingress: dict[str, Any] = Field(default_factory=dict, description="Ingress deployment options.")
 
     @field_validator("ingress")

@@ -15,6 +15,10 @@ class ArtServeError(Exception):
     status_code = 500
     error_type = "server_error"
     default_code: str | None = None
+    # `x-should-retry` (honoured by the OpenAI SDKs): whether the same request can succeed
+    # later. A 4xx is the request's fault (but 408/409/429 by default); a 5xx may pass.
+    retryable = True
+    default_retry_after_s: int | None = None
 
     def __init__(
         self,
@@ -32,6 +36,15 @@ class ArtServeError(Exception):
 
     def __reduce__(self):  # survive Ray's pickling with every field, whatever __init__ takes
         return (_rebuild, (type(self), dict(self.__dict__)))
+
+    def response_headers(self) -> dict[str, str]:
+        """What the HTTP response carries: the error's own headers, `Retry-After` where the
+        class has a default and none was set, and `x-should-retry`."""
+        headers = dict(self.headers)
+        if self.default_retry_after_s is not None and not any(k.lower() == "retry-after" for k in headers):
+            headers["Retry-After"] = str(self.default_retry_after_s)
+        headers["x-should-retry"] = "true" if self.retryable else "false"
+        return headers
 
     def body(self) -> dict[str, Any]:
         return {
@@ -53,12 +66,14 @@ def _rebuild(cls: type[ArtServeError], state: dict[str, Any]) -> ArtServeError:
 
 class InvalidRequestError(ArtServeError):
     status_code = 400
+    retryable = False
     error_type = "invalid_request_error"
     default_code = "invalid_value"
 
 
 class AuthenticationError(ArtServeError):
     status_code = 401
+    retryable = False
     error_type = "invalid_request_error"
     default_code = "invalid_api_key"
 
@@ -67,12 +82,14 @@ class PermissionDeniedError(ArtServeError):
     """A signed image link that is tampered with, foreign or expired."""
 
     status_code = 403
+    retryable = False
     error_type = "invalid_request_error"
     default_code = "invalid_signature"
 
 
 class NotFoundError(ArtServeError):
     status_code = 404
+    retryable = False
     error_type = "invalid_request_error"
     default_code = "not_found"
 
@@ -89,20 +106,41 @@ class ModelNotFoundError(NotFoundError):
 
 class MethodNotAllowedError(ArtServeError):
     status_code = 405
+    retryable = False
     error_type = "invalid_request_error"
     default_code = "method_not_allowed"
+
+
+class PayloadTooLargeError(ArtServeError):
+    """The body is larger than the route's limit; it was read no further than the limit."""
+
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "request_too_large"
+    retryable = False
+
+
+class IdempotencyConflictError(ArtServeError):
+    """An `Idempotency-Key` reused with a different body: retrying the same cannot help."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    default_code = "idempotency_key_reused"
+    retryable = False
 
 
 class RateLimitError(ArtServeError):
     status_code = 429
     error_type = "rate_limit_error"
     default_code = "rate_limit_exceeded"
+    default_retry_after_s = 2
 
 
 class ServiceUnavailableError(ArtServeError):
     status_code = 503
     error_type = "service_unavailable_error"
     default_code = "service_unavailable"
+    default_retry_after_s = 5
 
 
 class GenerationError(ArtServeError):

@@ -5,34 +5,38 @@ API key, resolves presets (presets.py) and hands a `GenerationJob` to the model'
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve_app import idempotency
 from serve_app.auth import ApiKeys
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.errors import (
     ArtServeError,
     GenerationError,
-    InvalidRequestError,
     MethodNotAllowedError,
     ModelNotFoundError,
     NotFoundError,
     RateLimitError,
     ServiceUnavailableError,
 )
-from serve_app.job import GenerationResult
+from serve_app.idempotency import fingerprint, run_once
+from serve_app.job import GenerationJob, GenerationResult
+from serve_app.limits import BodyLimitMiddleware, decode_json_body
 from serve_app.metrics import IngressMetrics
+from serve_app.openapi import GENERATIONS_DOC, MODEL_DOC, MODELS_DOC, install_openapi
 from serve_app.playground import mount_playground
 from serve_app.presets import resolve_job
 from serve_app.protocol import ModelCard, ModelList, parse_generate_request
@@ -44,16 +48,29 @@ from serve_app.storage.local import ROUTE_PREFIX, LocalImageStore
 logger = logging.getLogger("ray.serve")
 RETRY_AFTER_S = 2
 NOT_READY_RETRY_AFTER_S = 10
+SMALL_BODY_BYTES = 64 * 1024  # routes that take no body (GETs, unknown paths)
 
 
 def error_response(error: ArtServeError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
+    return JSONResponse(error.body(), status_code=error.status_code, headers=error.response_headers())
 
 
 def _serve_request_id() -> str:
     from ray.serve.context import _get_serve_request_context
 
     return _get_serve_request_context().request_id
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a replica (unit tests)
+        return "-"
+
+
+# A model replica that died or became unreachable mid-request: the request itself was fine
+# and the model comes back (Serve restarts the replica), so "try again", never "our bug".
+REPLICA_LOST = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError, ReplicaUnavailableError)
 
 
 def _from_replica(exc: BaseException) -> ArtServeError:
@@ -69,8 +86,24 @@ def _from_replica(exc: BaseException) -> ArtServeError:
         )
     if isinstance(exc, DeploymentUnavailableError):
         return ServiceUnavailableError("The model is not available right now; try again later.")
+    if isinstance(exc, REPLICA_LOST) or isinstance(cause, REPLICA_LOST):
+        logger.warning("model replica lost mid-request: %s", type(exc).__name__)
+        return ServiceUnavailableError(
+            "The model replica serving this request was lost; try again.",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
     logger.error("model call failed: %r", exc)
     return GenerationError("Image generation failed.")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated request, ready for its model."""
+
+    model_id: str
+    job: GenerationJob
+    quality: str | None  # the request's, for the echo (None: the default)
+    stream: bool
 
 
 @serve.deployment
@@ -81,10 +114,12 @@ class ImageIngress:
         config: AppConfig,
         models: dict[str, ModelConfig],
         handles: dict[str, DeploymentHandle],
+        idempotency: DeploymentHandle | None = None,
     ):
         self.config = config
         self.models = models
         self.handles = handles
+        self.idempotency = idempotency
         self.keys = ApiKeys.from_env()
         self.metrics = IngressMetrics()
         self.readiness = ModelReadiness(
@@ -97,38 +132,77 @@ class ImageIngress:
             if config.uses_gcs()
             else LocalImageStore(config.storage, url_ttl_s=config.url_ttl_s, public_url=config.public_url)
         )
+        self._janitor: asyncio.Task | None = None
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self)
 
-    async def generate(self, body: Any, request_id: str, base_url: str) -> JSONResponse:
-        model_tag = body.get("model") if isinstance(body, dict) and body.get("model") in self.models else "-"
+    async def check_health(self) -> None:
+        # Serve calls this every few seconds from the replica's loop: the janitor's start.
+        if self.local_store is not None and self._janitor is None:
+            self._janitor = asyncio.create_task(self._sweep_forever(self.local_store))
+
+    async def _sweep_forever(self, store: LocalImageStore) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(store.sweep)
+            except Exception:  # a janitor that dies would let the disk fill: log and go on
+                logger.exception("janitor: sweeping %s failed", store.root)
+            await asyncio.sleep(self.config.janitor_period_s)
+
+    async def generate(
+        self, body: Any, request_id: str, base_url: str, idempotency_key: str | None = None
+    ) -> Response:
+        model = body.get("model") if isinstance(body, dict) else None
+        model_tag = model if isinstance(model, str) and model in self.models else "-"
         try:
-            response = await self._generate(body, request_id, base_url)
+            prepared = await self._prepare(body, request_id, base_url)
+            if prepared.stream:  # not replayable: an Idempotency-Key is ignored (README)
+                response = await self._stream(prepared)
+                self.metrics.response(model_tag, 200)
+                return response
+            if idempotency_key is None or self.idempotency is None:
+                content, headers = await self._run(prepared)
+            else:
+                content, headers = await run_once(
+                    self.idempotency, idempotency_key, fingerprint(body), self.config.request_timeout_s,
+                    lambda: self._run(prepared),
+                )
         except ArtServeError as exc:
             self.metrics.response(model_tag, exc.status_code)
             raise
         self.metrics.response(model_tag, 200)
-        return response
+        return JSONResponse(content, headers=headers)
 
-    async def _generate(self, body: Any, request_id: str, base_url: str) -> JSONResponse:
+    async def _prepare(self, body: Any, request_id: str, base_url: str) -> Prepared:
         request = parse_generate_request(body)
-        model = self.models.get(request.model)
+        model = self.models.get(request.model) if isinstance(request.model, str) else None
         if model is None:
-            raise ModelNotFoundError(request.model)
+            raise ModelNotFoundError(str(request.model))
         job = resolve_job(request, model, request_id=request_id, base_url=base_url)
-        reason = await self.readiness.not_ready_reason(model.id)
-        if reason:
-            raise ServiceUnavailableError(reason, headers={"Retry-After": str(NOT_READY_RETRY_AFTER_S)})
         logger.info(
             "request %s: model=%s n=%d size=%dx%d steps=%d user=%s",
             request_id, model.id, job.n, job.width, job.height, job.num_inference_steps, request.user,
         )
-        if request.stream:  # validation errors were plain JSON above; from here on, events
-            parts = self.handles[model.id].options(stream=True).generate_stream.remote(job)
-            return StreamingResponse(relay(parts, job, request.quality, _from_replica),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        response = self.handles[model.id].generate.remote(job)
+        return Prepared(model.id, job, request.quality, bool(request.stream))
+
+    async def _check_ready(self, model_id: str) -> None:
+        # Not in _prepare: an Idempotency-Key replay needs no model.
+        reason = await self.readiness.not_ready_reason(model_id)
+        if reason:
+            raise ServiceUnavailableError(reason, headers={"Retry-After": str(NOT_READY_RETRY_AFTER_S)})
+
+    async def _stream(self, prepared: Prepared) -> StreamingResponse:
+        """Validation errors were plain JSON before this; from here on, events."""
+        await self._check_ready(prepared.model_id)
+        parts = self.handles[prepared.model_id].options(stream=True).generate_stream.remote(prepared.job)
+        return StreamingResponse(relay(parts, prepared.job, prepared.quality, _from_replica),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _run(self, prepared: Prepared) -> tuple[dict[str, Any], dict[str, str]]:
+        job = prepared.job
+        await self._check_ready(prepared.model_id)
+        response = self.handles[prepared.model_id].generate.remote(job)
         try:
             result: GenerationResult = await asyncio.wait_for(response, self.config.request_timeout_s)
         except TimeoutError:
@@ -138,7 +212,7 @@ class ImageIngress:
             raise _from_replica(exc) from None
         # The largest batch any of this request's denoising steps ran in: batching made visible.
         headers = {"x-artserve-batch-size": str(max(r.batch_size for r in result.images))}
-        return JSONResponse(images_response(job, request.quality, result), headers=headers)
+        return images_response(job, prepared.quality, result), headers
 
     async def model_card(self, model: ModelConfig) -> ModelCard:
         status, running = await self.readiness.state(model.id)
@@ -160,9 +234,15 @@ class ImageIngress:
 
 def create_api(ingress: ImageIngress) -> FastAPI:
     api = FastAPI(title="ArtServe", version="0.1.0", docs_url=None, redoc_url=None)
+    config = ingress.config
+    limits = {"/v1/images/generations": config.max_json_body_bytes,
+              "/v1/images/edits": config.max_upload_body_bytes,
+              "/v1/images/variations": config.max_upload_body_bytes}
 
     def authorize(request: Request) -> None:
         ingress.keys.check(request.headers.get("authorization"))
+
+    replica = _replica_id()
 
     @api.middleware("http")
     async def request_context(request: Request, call_next):
@@ -170,7 +250,9 @@ def create_api(ingress: ImageIngress) -> FastAPI:
         # every response and tags its own log lines with it; we reuse the same id.
         request.state.request_id = _serve_request_id() or f"req_{secrets.token_hex(12)}"
         try:
-            return await call_next(request)
+            response = await call_next(request)
+            response.headers["x-artserve-replica"] = replica  # which ingress replica answered
+            return response
         except Exception:  # the last line of defence: never a bare 500 or a stack trace
             if await request.is_disconnected():  # the client left; Serve cancelled the work
                 logger.info("request %s: client disconnected", request.state.request_id)
@@ -192,22 +274,23 @@ def create_api(ingress: ImageIngress) -> FastAPI:
             return error_response(MethodNotAllowedError(f"Method not allowed: {where}."))
         return error_response(NotFoundError(f"Unknown request URL: {where}."))
 
-    @api.post("/v1/images/generations", dependencies=[Depends(authorize)])
+    @api.post("/v1/images/generations", dependencies=[Depends(authorize)], openapi_extra=GENERATIONS_DOC)
     async def images_generations(request: Request) -> JSONResponse:
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            raise InvalidRequestError(
-                "We could not parse the JSON body of your request.", code="invalid_json"
-            ) from None
-        return await ingress.generate(body, request.state.request_id, str(request.base_url))
+        body = decode_json_body(await request.body())  # 413 past the limit, while reading
+        key = request.headers.get(idempotency.HEADER)
+        scoped = (
+            idempotency.scoped_key(request.headers.get("authorization"), idempotency.check_key(key))
+            if key is not None
+            else None
+        )
+        return await ingress.generate(body, request.state.request_id, str(request.base_url), scoped)
 
-    @api.get("/v1/models", dependencies=[Depends(authorize)])
+    @api.get("/v1/models", dependencies=[Depends(authorize)], openapi_extra=MODELS_DOC)
     async def list_models() -> JSONResponse:
         cards = [await ingress.model_card(m) for m in ingress.models.values()]
         return JSONResponse(ModelList(data=cards).model_dump(exclude_none=True))
 
-    @api.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)])
+    @api.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)], openapi_extra=MODEL_DOC)
     async def get_model(model_id: str) -> JSONResponse:
         model = ingress.models.get(model_id)
         if model is None:
@@ -228,4 +311,7 @@ def create_api(ingress: ImageIngress) -> FastAPI:
         )
 
     mount_playground(api)  # the page at `/` (no key needed to load it; its API calls carry one)
+    # Outermost: a body over the route's limit is refused before anything else reads it.
+    api.add_middleware(BodyLimitMiddleware, limit_for=lambda path: limits.get(path, SMALL_BODY_BYTES))
+    install_openapi(api)
     return api

@@ -9,8 +9,10 @@ or is generated once into the storage directory, so links survive a restart.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
+import logging
 import os
 import re
 import time
@@ -23,6 +25,9 @@ from serve_app.storage import new_object_key
 ROUTE_PREFIX = "/v1/files/images/"
 KEY_PATTERN = re.compile(r"^\d{4}/\d{2}/\d{2}/[0-9a-f]{32}\.(png|jpeg|webp)$")
 _SECRET_FILE = ".url-signing-key"
+# A `.part` file older than this is left over from a crash mid-write: no writer takes minutes.
+STALE_PART_S = 3600
+logger = logging.getLogger("ray.serve")
 
 
 def load_signing_key(directory: Path) -> bytes:
@@ -85,3 +90,31 @@ class LocalImageStore:
         if not path.is_file():
             raise denied
         return path
+
+    def sweep(self, now_s: float | None = None) -> int:
+        """The janitor: delete images whose links have all expired (a link lives `url_ttl_s`
+        from the write, so the file's mtime says when), stale `.part` files, and the empty
+        day directories left behind. Returns how many files went. Safe to run from several
+        processes at once: a file someone else deleted first is skipped."""
+        now = time.time() if now_s is None else now_s
+        removed = 0
+        for path in self.root.glob("[0-9][0-9][0-9][0-9]/[0-9][0-9]/[0-9][0-9]/*"):
+            try:
+                age = now - path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            expired = path.suffix == ".part" and age > STALE_PART_S
+            expired |= KEY_PATTERN.match(path.relative_to(self.root).as_posix()) is not None and age > self.url_ttl_s
+            if expired:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed += 1
+        today = time.strftime("%Y/%m/%d", time.gmtime(now))
+        for day in sorted(self.root.glob("[0-9][0-9][0-9][0-9]/[0-9][0-9]/[0-9][0-9]"), reverse=True):
+            if day.relative_to(self.root).as_posix() < today:
+                for empty in (day, day.parent, day.parent.parent):  # rmdir refuses non-empty ones
+                    with contextlib.suppress(OSError):
+                        empty.rmdir()
+        if removed:
+            logger.info("janitor: deleted %d expired image file(s) from %s", removed, self.root)
+        return removed

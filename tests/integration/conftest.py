@@ -74,6 +74,11 @@ def _models_dir(work: Path) -> Path:
         extra = yaml.safe_load((ROOT / "models" / f"{model_id}.yaml").read_text())
         extra["deployment"] = {"ray_actor_options": {"num_cpus": 0.05}}
         (models / f"{model_id}.yaml").write_text(yaml.safe_dump(extra))
+    # `tiny-sd-kill`: only the replica-kill test (test_faults.py) uses it, so killing its
+    # replica leaves every other test's model alone.
+    kill = yaml.safe_load((ROOT / "models" / "tiny-sd.yaml").read_text())
+    kill.update(id="tiny-sd-kill", deployment={"ray_actor_options": {"num_cpus": 0.05}})
+    (models / "tiny-sd-kill.yaml").write_text(yaml.safe_dump(kill))
     gcs = yaml.safe_load((ROOT / "models" / "tiny-flux.yaml").read_text())
     gcs.update(id="tiny-flux-gcs", deployment={"ray_actor_options": {"num_cpus": 0.04}})
     (models / "tiny-flux-gcs.yaml").write_text(yaml.safe_dump(gcs))
@@ -83,7 +88,8 @@ def _models_dir(work: Path) -> Path:
 def _all_models_generate(base_url: str) -> bool:
     """Ready means every working model has made an image, not just that the ingress is up."""
     for prefix, model in [("", "tiny-sd"), ("", "tiny-flux"), ("", "tiny-sd-small"), ("", "tiny-flux-auto"),
-                          ("", "tiny-sd-auto"), ("/gcs", "tiny-flux-gcs"), *(("", m) for m in EXTRA_FAMILIES)]:
+                          ("", "tiny-sd-auto"), ("", "tiny-sd-kill"), ("/gcs", "tiny-flux-gcs"),
+                          *(("", m) for m in EXTRA_FAMILIES)]:
         try:
             r = httpx.post(f"{base_url}{prefix}/v1/images/generations", timeout=30,
                            headers={"Authorization": f"Bearer {API_KEY}"},
@@ -97,9 +103,9 @@ def _all_models_generate(base_url: str) -> bool:
 
 
 class Server:
-    def __init__(self, base_url: str, storage: Path, log: Path, emulator: Emulator, gcs_public_key,
+    def __init__(self, base_url: str, storage: Path, log: Path, emulator: Emulator, gcs_public_key, pid: int,
                  ray_tmp: Path | None = None):
-        self.base_url, self.storage, self.log = base_url, storage, log
+        self.base_url, self.storage, self.log, self.pid = base_url, storage, log, pid  # pid: `serve run`'s
         self.emulator, self.gcs_public_key = emulator, gcs_public_key
         # This session's own Ray temp dir: its metrics agent lists its Prometheus endpoint in
         # ray/session_latest/prom_metrics_service_discovery.json (tests/integration/test_dashboard.py).
@@ -118,8 +124,12 @@ def server(tmp_path_factory) -> Server:
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     storage = work / "images"
     app = config["applications"][0]
-    app["args"]["models"] += ["tiny-sd-small", "tiny-broken", "tiny-flux-auto", "tiny-sd-auto", *EXTRA_FAMILIES]
+    app["args"]["models"] += ["tiny-sd-small", "tiny-broken", "tiny-flux-auto", "tiny-sd-auto", "tiny-sd-kill",
+                              *EXTRA_FAMILIES]
     app["args"].update(models_dir=str(_models_dir(work)), storage=str(storage))
+    # Two ingress replicas: Idempotency-Key must hold across them (test_idempotency.py).
+    app["args"]["ingress"] = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.05}}
+    app["args"]["janitor_period_s"] = 2  # test_edge_limits.py watches the janitor delete a file
     config["applications"].append({
         **app, "name": "gcs", "route_prefix": "/gcs",
         "args": {"models": ["tiny-flux-gcs"], "models_dir": app["args"]["models_dir"],
@@ -161,7 +171,7 @@ def server(tmp_path_factory) -> Server:
             if _all_models_generate(base_url):
                 break
             time.sleep(1)
-        yield Server(base_url, storage, log, emulator, gcs_public_key, ray_tmp)
+        yield Server(base_url, storage, log, emulator, gcs_public_key, process.pid, ray_tmp)
     finally:
         os.killpg(process.pid, signal.SIGINT)  # serve run shuts Serve and its Ray down on Ctrl-C
         try:

@@ -111,9 +111,9 @@ def prometheus(server, tmp_path_factory):
 
 def _load(base_url: str, stop: threading.Event, counts: dict[int, int]) -> None:
     """Bounded: runs until `stop` or 200 rounds. Successes on two step-engine models (batched
-    n=2) and on a whole-call model (`tiny-pixart`: the pipeline-call panels), a 400, a 404, and now and then a request the client abandons mid-generation (on
-    `tiny-sd-small`, its own replica: a model that does not stop abandoned work stays busy
-    with it without holding up the rest of the load)."""
+    n=2) and on a whole-call model (`tiny-pixart`: the pipeline-call panels), a 400, a 404,
+    and now and then a request the client abandons mid-generation (on `tiny-sd-small`, its
+    own replica: the cancelled-steps panel)."""
     headers = {"Authorization": f"Bearer {API_KEY}"}
     url = f"{base_url}/v1/images/generations"
     bodies = [

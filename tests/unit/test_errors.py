@@ -38,3 +38,24 @@ def test_errors_survive_pickling_across_ray(error, status, type_, code):
 def test_headers_are_kept():
     error = errors.RateLimitError("busy", headers={"Retry-After": "2"})
     assert pickle.loads(pickle.dumps(error)).headers == {"Retry-After": "2"}
+
+
+@pytest.mark.parametrize(("error", "should_retry", "retry_after"), [
+    (errors.InvalidRequestError("bad"), "false", None),
+    (errors.AuthenticationError("no"), "false", None),
+    (errors.PermissionDeniedError("expired"), "false", None),
+    (errors.ModelNotFoundError("x"), "false", None),
+    (errors.MethodNotAllowedError("x"), "false", None),
+    (errors.PayloadTooLargeError("big"), "false", None),
+    (errors.IdempotencyConflictError("reused"), "false", None),
+    (errors.RateLimitError("busy", headers={"Retry-After": "3"}), "true", "3"),
+    (errors.RateLimitError("busy"), "true", "2"),
+    (errors.ServiceUnavailableError("down"), "true", "5"),
+    (errors.GenerationError("boom"), "true", None),
+])
+def test_retry_headers(error, should_retry, retry_after):
+    """`x-should-retry: false` where the same request cannot succeed; 429/503 say when."""
+    headers = pickle.loads(pickle.dumps(error)).response_headers()
+    assert headers["x-should-retry"] == should_retry
+    assert headers.get("Retry-After") == retry_after
+    assert error.status_code in (400, 401, 403, 404, 405, 409, 413, 429, 500, 503)

@@ -1,0 +1,100 @@
+"""Fuzzing the real app with schemathesis, driven by OpenAI's published request schema
+(`CreateImageRequest`, ../shared/schemas/openai/images-schemas.json) with `model` pinned to a
+served tiny model. Examples, boundary (coverage) and random phases, positive and negative
+modes. Checks on every case: never a 5xx; every error is in the OpenAI envelope with one of
+the documented statuses and `x-should-retry`.
+
+Keeping it cheap: a schema-valid body would make a real generation (up to n=10 images of
+1792x1024 at 50 steps). Before sending, each dict body gets `num_inference_steps: 1`, `n` is
+capped at 2 when it is in range, and a size the model accepts becomes 256x256; invalid
+values are left as generated, so the 400 paths see exactly what the fuzzer made."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+
+from serve_app.config import load_model_config, parse_size
+from tests.integration.conftest import API_KEY
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA_FILE = ROOT.parent / "shared" / "schemas" / "openai" / "images-schemas.json"
+MODEL = "tiny-sd"
+SIZES = load_model_config(ROOT / "models" / f"{MODEL}.yaml").sizes
+# 405: the coverage phase also tries other HTTP methods on the route. 5xx is never acceptable.
+DOCUMENTED = {400, 401, 404, 405, 409, 413, 429}
+MIN_CASES = 1000
+sent: list[int] = []
+
+
+def openai_document() -> dict:
+    published = json.loads(SCHEMA_FILE.read_text())
+    components = copy.deepcopy(published["components"])
+    components["schemas"]["CreateImageRequest"]["properties"]["model"] = {"type": "string", "enum": [MODEL]}
+    return {
+        "openapi": "3.0.3",  # the published schemas use 3.0's `nullable`
+        "info": {"title": "OpenAI Images (generations)", "version": "published"},
+        "paths": {"/v1/images/generations": {"post": {
+            "requestBody": {"required": True, "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/CreateImageRequest"}}}},
+            "responses": {"200": {"description": "images"}},
+        }}},
+        "components": components,
+    }
+
+
+schema = schemathesis.openapi.from_dict(openai_document())
+schema.config.phases.update(phases=["examples", "coverage", "fuzzing"])
+schema.config.generation.update(
+    modes=[schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE],
+    max_examples=1000, deterministic=False, no_shrink=False,
+)
+
+
+def cheap(body):
+    if not isinstance(body, dict):
+        return body
+    body = {**body, "num_inference_steps": 1}
+    n = body.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 10:
+        body["n"] = min(n, 2)
+    size = body.get("size")
+    dims = parse_size(size) if isinstance(size, str) else None
+    if dims and SIZES.accepts(*dims):
+        body["size"] = "256x256"
+    return body
+
+
+@schema.parametrize()
+@settings(deadline=None, suppress_health_check=list(HealthCheck))
+def test_openai_schema_fuzz(case, server):
+    if isinstance(case.body, dict):
+        case.body = cheap(case.body)
+    response = case.call(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
+    sent.append(response.status_code)
+    assert response.status_code < 500, (case.body, response.text[:500])
+    if response.status_code >= 400:
+        assert response.status_code in DOCUMENTED, (case.body, response.status_code, response.text[:500])
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}, response.text
+        assert isinstance(error["message"], str) and error["type"] == "invalid_request_error"
+        assert response.headers["x-should-retry"] == ["false"]  # schemathesis: header -> list of values
+        assert "Traceback" not in response.text and "/work/" not in response.text
+    else:
+        assert response.status_code == 200
+        assert len(response.json()["data"]) >= 1
+
+
+def test_fuzzing_ran_enough_cases():
+    """Runs after the fuzz test (file order): at least MIN_CASES requests were made."""
+    if not sent:
+        pytest.fail("the fuzz test did not run first")
+    statuses = {s: sent.count(s) for s in sorted(set(sent))}
+    print(f"fuzz: {len(sent)} cases, statuses {statuses}")
+    assert len(sent) >= MIN_CASES, statuses
+    assert 200 in statuses and 400 in statuses  # both valid and invalid bodies were exercised
