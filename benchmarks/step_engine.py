@@ -9,7 +9,8 @@ Starts its own `serve run` with each model twice: as configured (`batching.mode:
   with the same arrivals and presets (seeded);
 - standard only, Poisson at 50 % and 90 % of capacity, both arms;
 then on tiny-sd: the abandon test (8 clients drop n=4 hd requests after 1 s; then one request,
-against the idle latency) on both arms, and the serving overhead of a near-empty generation
+against the idle latency) on both arms; streaming on tiny-sd and tiny-flux (plain vs streamed, time to the first of 3
+partial images, what the previews cost); the serving overhead of a near-empty generation
 (1 step, jpeg, b64_json, concurrency 1) against the same pipeline call in-process; and, in
 process, the step loop's own time between denoiser calls as a fraction of a step.
 Prints a table, writes benchmarks/results/step_engine-<time>.{json,md,png}.
@@ -101,6 +102,30 @@ class Bench:
         return {"idle_s": idle, "after_s": after, "ratio": after / idle, "status": status}
 
 
+    async def stream(self, model: str, partial_images: int) -> tuple[float | None, float]:
+        """(seconds to the first partial image or None, seconds to the completed event)."""
+        body = {"model": model, "prompt": "a lighthouse at dusk", "size": "256x256", "stream": True,
+                "partial_images": partial_images, "output_format": "jpeg"}
+        started, first = time.perf_counter(), None
+        async with self.http.stream("POST", "/v1/images/generations", json=body) as response:
+            async for line in response.aiter_lines():
+                if line == "event: image_generation.partial_image" and first is None:
+                    first = time.perf_counter() - started
+                if line == "event: image_generation.completed":
+                    return first, time.perf_counter() - started
+        raise RuntimeError(f"{model}: the stream ended without a completed event")
+
+    async def streaming(self, model: str, repeats: int = 8) -> dict:
+        """Concurrency 1: plain vs streamed with no previews vs with 3 previews."""
+        plain = [(await self.generate(model))[1] for _ in range(repeats)]
+        bare = [(await self.stream(model, 0))[1] for _ in range(repeats)]
+        three = [await self.stream(model, 3) for _ in range(repeats)]
+        p50 = statistics.median
+        return {"plain_p50_s": p50(plain), "stream0_p50_s": p50(bare),
+                "stream3_first_partial_p50_s": p50([f for f, _ in three]), "stream3_p50_s": p50([c for _, c in three]),
+                "preview_cost_fraction": (p50([c for _, c in three]) - p50(bare)) / p50(bare)}
+
+
 def arrivals(rate_per_s: float, duration_s: float, mix: list[tuple[str, float]], seed: int) -> list[tuple[float, str]]:
     rng, at, out = random.Random(seed), 0.0, []
     while (at := at + rng.expovariate(rate_per_s)) < duration_s:
@@ -166,6 +191,36 @@ def in_process(models_dir: Path) -> dict:
             "overhead_fraction": (step_ms - denoise_ms + gap_ms) / step_ms}
 
 
+def preview_cost(repeats: int = 10) -> dict:
+    """Per tiny family, in process at 256², one image: a denoising step against a preview
+    (decoding the step's x0 estimate with the model's VAE, as a streamed partial image)."""
+    import torch
+
+    from serve_app.config import load_model_config
+    from serve_app.engine.pipeline import DiffusersEngine
+    from serve_app.engine.runners import ImageSpec, make_runner
+
+    out = {}
+    for model_id in ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux"):
+        runner = make_runner(DiffusersEngine(load_model_config(ROOT / "models" / f"{model_id}.yaml")))
+        with torch.inference_mode():
+            state = runner.prepare([ImageSpec("a fox", None, 256, 256, 4 * repeats, 5.0, 0)])[0]
+            runner.step([state])  # warm-up, and an x0 to decode
+            runner.preview(state)
+            steps, previews = [], []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                runner.step([state])
+                steps.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                runner.preview(state)
+                previews.append(time.perf_counter() - started)
+        step_s, preview_s = statistics.median(steps), statistics.median(previews)
+        out[model_id] = {"step_ms": 1000 * step_s, "preview_ms": 1000 * preview_s,
+                         "preview_per_step": preview_s / step_s}
+    return out
+
+
 def write_models(directory: Path) -> list[str]:
     ids = []
     for model_id in ("tiny-sd", "tiny-flux", "tiny-sd3"):
@@ -225,6 +280,7 @@ async def measure(base: str, models: list[str], duration_s: float) -> dict:
             print(model, name, json.dumps(runs[name]), flush=True)
         results[model] = runs
     results["abandon"] = {arm: await bench.abandon(arm) for arm in ("tiny-sd", "tiny-sd-call")}
+    results["streaming"] = {model: await bench.streaming(model) for model in ("tiny-sd", "tiny-flux")}
     overhead = [(await bench.generate("tiny-sd", num_inference_steps=1))[1] for _ in range(21)][1:]
     results["http_1_step_p50_s"] = statistics.median(overhead)
     return results
@@ -247,6 +303,15 @@ def table(results: dict, models: list[str]) -> str:
     a, p = results["abandon"], results["in_process"]
     lines += ["", "| abandon test (tiny-sd) | idle s | after 8 x n=4 hd dropped, s | ratio |", "|---|---|---|---|"]
     lines += [f"| {arm} | {v['idle_s']:.2f} | {v['after_s']:.2f} | {v['ratio']:.2f}x |" for arm, v in a.items()]
+    lines += ["", "| streaming (standard, 256², c=1), p50 s | plain b64 | stream, 0 partials | stream, 3 partials: "
+              "first partial | completed | 3 previews cost |", "|---|---|---|---|---|---|"]
+    lines += [f"| {m} | {v['plain_p50_s']:.2f} | {v['stream0_p50_s']:.2f} | {v['stream3_first_partial_p50_s']:.2f} | "
+              f"{v['stream3_p50_s']:.2f} | {100 * v['preview_cost_fraction']:+.0f} % |"
+              for m, v in results["streaming"].items()]
+    lines += ["", "| preview cost (in process, 256², 1 image) | step ms | preview ms | preview / step |",
+              "|---|---|---|---|"]
+    lines += [f"| {m} | {v['step_ms']:.1f} | {v['preview_ms']:.1f} | {v['preview_per_step']:.2f} |"
+              for m, v in results["preview_cost"].items()]
     lines += ["", "Serving overhead (tiny-sd, 1 step, jpeg, b64_json, c=1): "
               f"HTTP p50 {results['http_1_step_p50_s']:.3f} s - in-process {p['pipeline_1_step_p50_s']:.3f} s = "
               f"**{1000 * (results['http_1_step_p50_s'] - p['pipeline_1_step_p50_s']):.0f} ms**.",
@@ -290,6 +355,7 @@ def main() -> None:
             os.killpg(process.pid, signal.SIGINT)
             process.wait(timeout=60)
         results["in_process"] = in_process(work / "models")
+        results["preview_cost"] = preview_cost()
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     text = table(results, args.models)

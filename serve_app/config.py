@@ -257,6 +257,7 @@ ENV_OVERRIDES = {
     "idempotency_ttl_s": "ARTSERVE_IDEMPOTENCY_TTL_S",
     "idempotency_max_bytes": "ARTSERVE_IDEMPOTENCY_MAX_BYTES",
     "janitor_period_s": "ARTSERVE_JANITOR_PERIOD_S",
+    "drain_dir": "ARTSERVE_DRAIN_DIR",
 }
 
 
@@ -301,6 +302,10 @@ class AppConfig(Strict):
     )
     janitor_period_s: float = Field(
         600, gt=0, description="Local storage: how often expired images are deleted. Env: ARTSERVE_JANITOR_PERIOD_S."
+    )
+    drain_dir: str | None = Field(
+        None, description="Set by `python -m serve_app run`: its graceful stop (serve_app/drain.py). "
+        "Env: ARTSERVE_DRAIN_DIR.",
     )
     ingress: dict[str, Any] = Field(default_factory=dict, description="Ingress deployment options.")
 

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serve_app import idempotency
 from serve_app.auth import ApiKeys
 from serve_app.config import AppConfig, ModelConfig
+from serve_app.drain import DrainMiddleware, DrainState
 from serve_app.errors import (
     ArtServeError,
     GenerationError,
@@ -133,6 +134,7 @@ class ImageIngress:
             else LocalImageStore(config.storage, url_ttl_s=config.url_ttl_s, public_url=config.public_url)
         )
         self._janitor: asyncio.Task | None = None
+        self.drain = DrainState(config.drain_dir)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self)
@@ -196,8 +198,10 @@ class ImageIngress:
         """Validation errors were plain JSON before this; from here on, events."""
         await self._check_ready(prepared.model_id)
         parts = self.handles[prepared.model_id].options(stream=True).generate_stream.remote(prepared.job)
+        # The events carry no seed (OpenAI's schema): the header does, for the playground and tools.
+        headers = {"Cache-Control": "no-cache", "x-artserve-seed": str(prepared.job.seeds[0])}
         return StreamingResponse(relay(parts, prepared.job, prepared.quality, _from_replica),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                                 media_type="text/event-stream", headers=headers)
 
     async def _run(self, prepared: Prepared) -> tuple[dict[str, Any], dict[str, str]]:
         job = prepared.job
@@ -314,4 +318,6 @@ def create_api(ingress: ImageIngress) -> FastAPI:
     # Outermost: a body over the route's limit is refused before anything else reads it.
     api.add_middleware(BodyLimitMiddleware, limit_for=lambda path: limits.get(path, SMALL_BODY_BYTES))
     install_openapi(api)
+    # Outermost of all: while the host drains, a new POST is refused before anything reads it.
+    api.add_middleware(DrainMiddleware, state=ingress.drain)
     return api

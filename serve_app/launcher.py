@@ -7,8 +7,9 @@ Ready means every model of every ArtServe application in the config reports a ru
 replica on the public `GET /v1/models` (what the ingress itself checks before it routes a
 request, so a generation made right after the line is served, not answered "still
 loading"). Until then a hint line is printed whenever the set of loading models changes.
-Ctrl-C and SIGTERM are forwarded to `serve run` once, as the SIGINT it shuts Serve and Ray
-down on; a second one kills it."""
+Ctrl-C or SIGTERM stops it gracefully (serve_app/drain.py): new requests get 503 at once,
+requests in flight finish (up to `DRAIN_GRACE_S`), then `serve run` gets the SIGINT it
+shuts Serve and Ray down on. A second Ctrl-C kills it."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -26,9 +28,12 @@ from pathlib import Path
 
 import yaml
 
+from serve_app import drain
+
 IMPORT_PATH = "serve_app.app:build_app"
 POLL_INTERVAL_S = 1.0
-SHUTDOWN_GRACE_S = 60
+SHUTDOWN_GRACE_S = 60  # after the drain: for serve run to stop
+DRAIN_GRACE_S = 120  # the deployments' graceful_shutdown_timeout_s
 FAILED = {"UNHEALTHY", "DEPLOY_FAILED"}
 
 
@@ -98,7 +103,9 @@ class Launcher:
         self.out = out
         self.process: subprocess.Popen | None = None
         self._signals = 0
-        self._first_signal_at = 0.0
+        self._first_signal_at = 0.0  # the drain's start
+        self._stop_sent_at = 0.0  # the SIGINT to serve run
+        self.drain_dir = Path(os.environ.get("ARTSERVE_DRAIN_DIR") or tempfile.mkdtemp(prefix="artserve-drain-"))
 
     def say(self, line: str) -> None:
         with contextlib.suppress(OSError, ValueError):  # stdout closed (piped into `head`...): keep serving
@@ -106,20 +113,39 @@ class Launcher:
 
     def _forward(self, signum, _frame) -> None:
         self._signals += 1
-        self._first_signal_at = self._first_signal_at or time.monotonic()
         if self.process is None or self.process.poll() is not None:
             return
         if self._signals == 1:
-            self.say("ArtServe stopping (Ctrl-C again to kill)…")
-            self.process.send_signal(signal.SIGINT)
+            self._first_signal_at = time.monotonic()
+            self.say("ArtServe stopping: new requests get 503, those in flight finish (Ctrl-C again to kill)…")
+            with contextlib.suppress(OSError):
+                (self.drain_dir / drain.FLAG).touch()
         else:
             os.killpg(self.process.pid, signal.SIGKILL)
+
+    def _stop_when_drained(self) -> None:
+        """Called while waiting: once draining has settled and nothing is in flight (or the
+        grace period is over), the SIGINT that stops serve run."""
+        if not self._first_signal_at or self._stop_sent_at:
+            return
+        waited = time.monotonic() - self._first_signal_at
+        if waited < drain.SETTLE_S:
+            return
+        busy = drain.in_flight(self.drain_dir)
+        if busy and waited < DRAIN_GRACE_S:
+            return
+        if busy:
+            self.say(f"{busy} request(s) still in flight after {DRAIN_GRACE_S}s; stopping anyway")
+        self._stop_sent_at = time.monotonic()
+        self.process.send_signal(signal.SIGINT)
 
     def run(self) -> int:
         serve_bin = Path(sys.executable).with_name("serve")
         command = [str(serve_bin) if serve_bin.exists() else "serve", "run", str(self.config_path)]
         # Its own session: a terminal's Ctrl-C reaches only us, and we pass on exactly one.
-        self.process = subprocess.Popen(command, start_new_session=True)
+        drain.clear(self.drain_dir)  # a flag left by an earlier run would refuse every request
+        env = {**os.environ, "ARTSERVE_DRAIN_DIR": str(self.drain_dir)}  # the ingresses' side of the drain
+        self.process = subprocess.Popen(command, start_new_session=True, env=env)
         signal.signal(signal.SIGINT, self._forward)
         signal.signal(signal.SIGTERM, self._forward)
         try:
@@ -150,10 +176,11 @@ class Launcher:
     def wait(self) -> int:
         while True:
             try:
-                code = self.process.wait(timeout=1)
+                code = self.process.wait(timeout=drain.CHECK_EVERY_S)
                 return code if code >= 0 else 128 - code  # killed by signal N: 128+N, as a shell says
             except subprocess.TimeoutExpired:
-                if self._first_signal_at and time.monotonic() - self._first_signal_at > SHUTDOWN_GRACE_S:
+                self._stop_when_drained()
+                if self._stop_sent_at and time.monotonic() - self._stop_sent_at > SHUTDOWN_GRACE_S:
                     self.say(f"serve run did not stop in {SHUTDOWN_GRACE_S}s; killing it")
                     os.killpg(self.process.pid, signal.SIGKILL)
 

@@ -48,7 +48,7 @@ class BodyLimitMiddleware:
         limit = self.limit_for(path)
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _send_error(send, too_large(limit))
+            await send_error(send, too_large(limit))
             return
 
         received = 0
@@ -73,7 +73,7 @@ class BodyLimitMiddleware:
         except PayloadTooLargeError as exc:  # raised outside a route's exception handlers
             if started:
                 raise
-            await _send_error(send, exc)
+            await send_error(send, exc)
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -86,7 +86,7 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _send_error(send: Send, error: ArtServeError) -> None:
+async def send_error(send: Send, error: ArtServeError) -> None:
     body = json.dumps(error.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in error.response_headers().items()]

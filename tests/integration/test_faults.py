@@ -1,7 +1,8 @@
 """A model replica killed (SIGKILL) under concurrent load: every request in flight is answered
 within a bound, as a 200 or a retryable 503 in the envelope (never a hang, never a bare
-500), and the model serves again without restarting the app. `tiny-sd-kill` is used by this
-test only."""
+500), and the model serves again without restarting the app; a replica killed in the middle of
+a stream ends the stream with an `error` event the OpenAI SDK raises on. `tiny-sd-kill` is used
+by these tests only."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import openai
+import pytest
 
 from tests.integration.conftest import API_KEY
 from tests.integration.replicas import replica_pids, wait_for_new_pid
@@ -32,6 +35,17 @@ def generate(server, steps: int = 25) -> tuple[float, httpx.Response | Exception
     except httpx.HTTPError as exc:
         return time.monotonic() - started, exc
     return time.monotonic() - started, response
+
+
+def wait_until_serving(server, pids: list[int]) -> int:
+    new_pid = wait_for_new_pid(server.pid, DEPLOYMENT, set(pids), RECOVERY_BOUND_S)
+    deadline = time.monotonic() + RECOVERY_BOUND_S
+    while True:
+        _, response = generate(server, steps=1)
+        if isinstance(response, httpx.Response) and response.status_code == 200:
+            return new_pid
+        assert time.monotonic() < deadline, "the model did not serve again"
+        time.sleep(1)
 
 
 def test_replica_killed_under_load(server):
@@ -58,15 +72,30 @@ def test_replica_killed_under_load(server):
             assert response.headers["x-should-retry"] == "true"
     assert 503 in statuses, statuses  # the requests in the replica when it died
 
-    new_pid = wait_for_new_pid(server.pid, DEPLOYMENT, set(pids), RECOVERY_BOUND_S)
-    deadline = time.monotonic() + RECOVERY_BOUND_S
-    while True:
-        _, response = generate(server, steps=1)
-        if isinstance(response, httpx.Response) and response.status_code == 200:
-            break
-        assert time.monotonic() < deadline, "the model did not serve again"
-        time.sleep(1)
+    new_pid = wait_until_serving(server, pids)
     recovered_s = time.monotonic() - killed_at
     print(f"kill: statuses {statuses}, slowest answer {max(e for e, _ in results):.1f}s, "
           f"all answered {answered_after_kill[0]:.1f}s after the kill, serving again {recovered_s:.1f}s "
           f"after it (new replica pid {new_pid})")
+
+
+def test_replica_killed_mid_stream_ends_the_stream_with_an_error_event(server):
+    pids = replica_pids(server.pid, DEPLOYMENT)
+    assert len(pids) == 1, pids
+    client = server.client()
+    stream = client.images.generate(model=MODEL, prompt="mid-stream", size="256x256", stream=True,
+                                    partial_images=3, extra_body={"num_inference_steps": 100})
+    events, killed_at = [], None
+    with pytest.raises(openai.APIError) as raised:
+        for event in stream:
+            events.append(event.type)
+            if killed_at is None:  # the first partial image is out: the generation is running
+                killed_at = time.monotonic()
+                os.kill(pids[0], signal.SIGKILL)
+    answered_s = time.monotonic() - killed_at
+    assert events[0] == "image_generation.partial_image", events
+    assert "image_generation.completed" not in events
+    assert raised.value.body["type"] == "service_unavailable_error", raised.value.body
+    assert answered_s < ANSWER_BOUND_S
+    wait_until_serving(server, pids)
+    print(f"kill mid-stream: events before the error {events}, error event {answered_s:.2f}s after the kill")

@@ -85,6 +85,9 @@ def test_openai_schema_fuzz(case, server):
         assert isinstance(error["message"], str) and error["type"] == "invalid_request_error"
         assert response.headers["x-should-retry"] == ["false"]  # schemathesis: header -> list of values
         assert "Traceback" not in response.text and "/work/" not in response.text
+    elif response.headers["content-type"][0].startswith("text/event-stream"):  # stream: true
+        events = [line for line in response.text.splitlines() if line.startswith("event: ")]
+        assert events and events[-1] == "event: image_generation.completed", (case.body, response.text[-500:])
     else:
         assert response.status_code == 200
         assert len(response.json()["data"]) >= 1

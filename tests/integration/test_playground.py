@@ -97,6 +97,10 @@ def test_playground_generates_and_shows_images(server, browser, tmp_path):
     prompt = "a lighthouse on a cliff at sunset"
     _generate(browser, model="tiny-sd", prompt=prompt, n=1, seed=7, quality="low", format="b64_json")
     _wait(browser, lambda d: "1 image from tiny-sd in" in _status(d))
+    # One inline image is streamed: previews took the figure's place before the image did.
+    shown = _wait(browser, lambda d: (imgs := _shown_images(d)) and all(i["complete"] for i in imgs) and imgs)
+    assert len(shown) == 1 and shown[0]["seed"] == "seed 7" and shown[0]["width"] == 256, shown
+    assert browser.execute_script("return document.querySelector('#results figure').dataset.previews") == "3"
     browser.execute_script("document.getElementById('size').add(new Option('100x100', '100x100'))")
     _generate(browser, size="100x100")
     _wait(browser, lambda d: "could not use these settings" in _status(d))

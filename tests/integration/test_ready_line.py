@@ -81,13 +81,46 @@ def test_ready_line_comes_when_every_model_generates(tmp_path):
         assert all("loading: " in line or "ready: " in line for line in ours[:-1]), ours
         print(f"\nready line after {ready_at - started:.1f} s; our lines: {ours}")
 
-        process.send_signal(signal.SIGTERM)
+        _graceful_stop(process, base_url)
         assert process.wait(timeout=90) == 0, "\n".join(log[-40:])
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{base_url}/-/healthz", timeout=5)  # serve run shut the proxy down
     finally:
         _stop(process)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _graceful_stop(process: subprocess.Popen, base_url: str) -> None:
+    """SIGTERM while a long generation runs: it still gets its image; a new one gets 503."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    url = f"{base_url}/v1/images/generations"
+    long_body = {"model": "tiny-sd", "prompt": "in flight", "size": "512x512", "num_inference_steps": 100,
+                 "response_format": "b64_json"}
+    outcome: dict = {}
+
+    def in_flight() -> None:
+        r = httpx.post(url, headers=headers, json=long_body, timeout=120)
+        outcome.update(status=r.status_code, body=r.json(), done_at=time.monotonic())
+
+    thread = threading.Thread(target=in_flight)
+    thread.start()
+    time.sleep(1.5)  # running on the replica by now
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    refused = None
+    while refused is None and time.monotonic() - signalled < 5:
+        r = httpx.post(url, headers=headers, timeout=30,
+                       json={"model": "tiny-sd", "prompt": "too late", "num_inference_steps": 1})
+        if r.status_code == 503:
+            refused = r
+    thread.join(timeout=120)
+    assert refused is not None, "no 503 within 5 s of SIGTERM"
+    assert refused.json()["error"]["type"] == "service_unavailable_error"
+    assert refused.headers["retry-after"] and refused.headers["x-should-retry"] == "true"
+    assert "done_at" in outcome, "the request in flight got no answer"
+    assert outcome["status"] == 200 and outcome["body"]["data"][0]["b64_json"], outcome.get("body")
+    print(f"SIGTERM: 503 for new requests, the one in flight answered 200 "
+          f"{outcome['done_at'] - signalled:.1f} s after the signal")
 
 
 def _stop(process: subprocess.Popen) -> None:

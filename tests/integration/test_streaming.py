@@ -57,11 +57,13 @@ def test_no_partial_images_means_only_the_completed_event(client):
 
 def test_raw_http_framing_and_errors_before_the_stream(server):
     headers = {"Authorization": f"Bearer {API_KEY}", "Accept": "application/json"}  # as the SDKs send it
-    body = {"model": "tiny-flux", "prompt": "a fox", "stream": True, "partial_images": 1, "num_inference_steps": 4}
+    body = {"model": "tiny-flux", "prompt": "a fox", "stream": True, "partial_images": 1, "num_inference_steps": 4,
+            "seed": 5}
     with httpx.stream("POST", f"{server.base_url}/v1/images/generations", json=body, headers=headers,
                       timeout=120) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["x-artserve-seed"] == "5"  # the events themselves carry no seed
         text = response.read().decode()
     messages = [m for m in text.split("\n\n") if m and not m.startswith(":")]
     assert len(messages) == 2
