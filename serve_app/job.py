@@ -23,10 +23,27 @@ class GenerationJob:
     base_url: str  # where local links point when no public URL is configured
     deterministic: bool = False  # run each image alone: the solo bytes whatever the load
     partial_images: int = 0  # streamed previews before the final image (stream mode only)
+    # Edits and variations (None for a generation): the first input image as PNG bytes, RGB,
+    # already width x height; the mask as PNG bytes, mode L, width x height, 255 where the
+    # image is repainted (OpenAI's alpha-0 areas) and 0 where it is kept; the strength.
+    init_image: bytes | None = None
+    mask: bytes | None = None
+    strength: float | None = None
+    image_tokens: int = 0  # usage: the input images' latent tokens
+    event_prefix: str = "image_generation"  # stream events: "image_edit" for edits
 
     @property
     def n(self) -> int:
         return len(self.seeds)
+
+    @property
+    def steps_to_run(self) -> int:
+        """Denoising steps actually run: an edit runs the last part of its schedule, as
+        diffusers' image-to-image pipelines do (`num_inference_steps - int(N - N * strength)`)."""
+        if self.strength is None:
+            return self.num_inference_steps
+        n = self.num_inference_steps
+        return n - int(max(n - min(n * self.strength, n), 0))
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ def echo_size(job: GenerationJob) -> str | None:
 
 
 def usage(job: GenerationJob, result: GenerationResult) -> Usage:
-    return Usage.of(result.input_tokens, len(result.images), job.width, job.height)
+    return Usage.of(result.input_tokens, len(result.images), job.width, job.height, image_tokens=job.image_tokens)
 
 
 def images_response(job: GenerationJob, quality: str | None, result: GenerationResult) -> dict[str, Any]:
@@ -41,8 +41,8 @@ def images_response(job: GenerationJob, quality: str | None, result: GenerationR
     ).model_dump(exclude_none=True)
 
 
-def stream_event(job: GenerationJob, quality: str | None, part: PartialImage | GenerationResult,
-                 prefix: str = "image_generation") -> dict[str, Any]:
+def stream_event(job: GenerationJob, quality: str | None, part: PartialImage | GenerationResult) -> dict[str, Any]:
+    prefix = job.event_prefix  # image_generation, or image_edit
     common = {"created_at": int(time.time()), "size": echo_size(job) or "auto",
               "quality": ECHO_QUALITY[quality or "standard"], "output_format": job.output_format}
     if isinstance(part, PartialImage):
@@ -64,7 +64,7 @@ def sse_error(error: ArtServeError) -> bytes:
 
 
 async def relay(parts: AsyncIterator[PartialImage | GenerationResult], job: GenerationJob, quality: str | None,
-                to_error: Callable[[BaseException], ArtServeError], *, prefix: str = "image_generation",
+                to_error: Callable[[BaseException], ArtServeError], *,
                 keepalive_s: float = 15.0) -> AsyncIterator[bytes]:
     """SSE bytes for a replica's stream: partial events, the completed event, then the end.
     A comment line every `keepalive_s` of silence keeps proxies from closing the connection."""
@@ -85,7 +85,7 @@ async def relay(parts: AsyncIterator[PartialImage | GenerationResult], job: Gene
                 yield sse_error(to_error(exc))
                 return
             pending = None
-            yield sse(stream_event(job, quality, part, prefix))
+            yield sse(stream_event(job, quality, part))
     finally:
         if pending is not None:
             pending.cancel()

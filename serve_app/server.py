@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import logging
 import threading
 import time
@@ -100,13 +101,15 @@ class ModelServer:
         cancelled = threading.Event()  # read by the encoder threads: no upload after a cancel
         futures = [loop.create_future() for _ in range(job.n)]
         works = []
+        image, mask = _decoded(job.init_image), _decoded(job.mask)
         for index, seed in enumerate(job.seeds):
             spec = ImageSpec(prompt=job.prompt, negative_prompt=job.negative_prompt, width=job.width,
-                             height=job.height, steps=job.num_inference_steps, guidance=job.guidance_scale, seed=seed)
+                             height=job.height, steps=job.num_inference_steps, guidance=job.guidance_scale, seed=seed,
+                             image=image, mask=mask, strength=1.0 if job.strength is None else job.strength)
             key = ("alone", job.request_id, index) if job.deterministic else self.runner.batch_key(spec)
             work = Work(Ticket(job.request_id, index, key, arrived), spec, _deliverer(loop, futures[index]))
             if previews is not None and job.partial_images:
-                work.preview_at = preview_steps(job.num_inference_steps, job.partial_images)
+                work.preview_at = preview_steps(job.steps_to_run, job.partial_images)
                 work.on_preview = _preview_sink(loop, previews)
             works.append(work)
         self.loop.submit(works)
@@ -192,6 +195,17 @@ def _deliverer(loop: asyncio.AbstractEventLoop, future: asyncio.Future):
             future.set_result((outcome, batch_size))
 
     return lambda outcome, batch_size: loop.call_soon_threadsafe(settle, outcome, batch_size)
+
+
+def _decoded(png: bytes | None):
+    """An edit's input image or mask (validated and normalised by the ingress), as PIL."""
+    if png is None:
+        return None
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png))
+    image.load()
+    return image
 
 
 def preview_steps(steps: int, partial_images: int) -> tuple[int, ...]:

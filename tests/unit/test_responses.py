@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -51,8 +52,10 @@ def test_stream_events_validate_and_are_framed_like_openai():
     validate(partial, "ImageGenPartialImageEvent")
     validate(completed, "ImageGenCompletedEvent")
     assert partial["size"] == "auto" and partial["partial_image_index"] == 1
-    edit = stream_event(job(), None, result(), prefix="image_edit")
+    edit = stream_event(replace(job(), event_prefix="image_edit", image_tokens=256), None, result())
     validate(edit, "ImageEditCompletedEvent")
+    assert edit["type"] == "image_edit.completed" and edit["usage"]["input_tokens_details"]["image_tokens"] == 256
+    assert edit["usage"]["input_tokens"] == 9 + 256
     framed = sse(partial).decode()
     assert framed.startswith("event: image_generation.partial_image\ndata: {") and framed.endswith("}\n\n")
     assert json.loads(framed.split("data: ", 1)[1]) == partial

@@ -37,6 +37,11 @@ class ImageSpec:
     steps: int
     guidance: float
     seed: int
+    # Edits: the input image (PIL, RGB, width x height), the mask (PIL, L, 255 = repaint,
+    # 0 = keep: diffusers' convention) and the strength; None/None/1.0 for a generation.
+    image: Any = None
+    mask: Any = None
+    strength: float = 1.0
 
 
 @dataclass(eq=False)
