@@ -12,6 +12,7 @@ import pytest
 
 from serve_app.auth import ApiKeys
 from serve_app.config import AppConfig
+from serve_app.drain import DrainState
 from serve_app.ingress import ImageIngress, create_api
 from serve_app.limits import MAX_JSON_DEPTH, BodyLimitMiddleware
 
@@ -34,6 +35,7 @@ def ingress(tmp_path):
     ingress = ImageIngress.func_or_class.__new__(ImageIngress.func_or_class)
     ingress.config, ingress.models, ingress.handles = config, config.load_models(), {}
     ingress.keys, ingress.metrics, ingress.idempotency = ApiKeys(["sk-1"]), Metrics(), None
+    ingress.drain = DrainState(None)
     return ingress
 
 
