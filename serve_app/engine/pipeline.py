@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
@@ -48,12 +50,16 @@ class DiffusersEngine:
             self.pipeline, model.engine, optimize.plan(model.engine, hardware), self.device, model.id
         )
 
-    def count_tokens(self, prompt: str) -> int:
-        """Prompt tokens as the model sees them: the longest count over its text encoders'
-        tokenizers, each capped at what that encoder reads (77 for CLIP, the T5 length)."""
+        self._counters = self._token_counters()
+
+    def _token_counters(self) -> list[tuple[Any, int]]:
+        """Copies of the text encoders' tokenizers, each with what that encoder reads (77 for
+        CLIP, the T5 length). Copies: a fast tokenizer keeps its padding and truncation
+        settings in shared state, so counting on the event loop while the step loop's thread
+        encodes a prompt with the same object can strip that prompt's padding."""
         from serve_app.engine.runners.flow import t5_length
 
-        counts = []
+        counters = []
         for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
             tokenizer = getattr(self.pipeline, name, None)
             if tokenizer is None:
@@ -61,8 +67,14 @@ class DiffusersEngine:
             limit = tokenizer.model_max_length
             if "t5" in type(getattr(self.pipeline, name.replace("tokenizer", "text_encoder"), None)).__name__.lower():
                 limit = t5_length(limit, self.model.max_sequence_length)
-            counts.append(len(tokenizer(prompt, truncation=True, max_length=limit).input_ids))
-        return max(counts, default=0)
+            counters.append((copy.deepcopy(tokenizer), limit))
+        return counters
+
+    def count_tokens(self, prompt: str) -> int:
+        """Prompt tokens as the model sees them: the longest count over its text encoders'
+        tokenizers, each capped at what that encoder reads."""
+        return max((len(t(prompt, truncation=True, max_length=limit).input_ids) for t, limit in self._counters),
+                   default=0)
 
     def generate(self, inputs: PipelineInputs) -> list[Image.Image]:
         # One generator per image: its noise depends on its own seed only, whatever else

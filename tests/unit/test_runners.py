@@ -5,6 +5,7 @@ level. Run with the tiny models' schedulers and with each production scheduler c
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +134,31 @@ def test_generic_pipelines_and_call_mode_use_whole_calls():
     config = load_model_config(MODELS / "tiny-flux.yaml")
     config = config.model_copy(update={"batching": config.batching.model_copy(update={"mode": "call"})})
     assert isinstance(make_runner(DiffusersEngine(config)), WholeCallRunner)
+
+
+def test_counting_tokens_on_another_thread_never_changes_an_encoded_prompt():
+    """The replica counts usage tokens on its event loop while the step loop's thread encodes
+    prompts: a shared fast tokenizer's padding state raced (FLUX batches failed on a 14-token
+    prompt among 128-token ones). 200 encodes against a counting thread: every one padded."""
+    import torch
+
+    from serve_app.engine.runners.base import ImageSpec
+
+    engine, runner = load("tiny-flux")
+    stop, counts = threading.Event(), set()
+
+    def count():
+        while not stop.is_set():
+            counts.add(engine.count_tokens("a lighthouse at dusk"))
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    try:
+        with torch.inference_mode():
+            lengths = {runner.encode(ImageSpec("a lighthouse at dusk", None, 256, 256, 4, 3.5, 0))["prompt"].shape[1]
+                       for _ in range(200)}
+    finally:
+        stop.set()
+        counter.join()
+    assert lengths == {runner.max_sequence_length}
+    assert len(counts) == 1  # and the count itself never saw the encoder's padding
