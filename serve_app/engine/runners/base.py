@@ -7,6 +7,10 @@ A runner adapts one diffusers family to the step engine, with tensors only:
 - `step(states)`: ONE denoiser forward over every state (per-sample timesteps and
   guidance), then each image's scheduler step on its own slice;
 - `finish(states)`: VAE decode to PIL images.
+Edits (image-to-image, masked inpainting) are the same loop, as diffusers' Img2Img and Inpaint
+pipelines run it with a base (non-inpainting) denoiser: the input image's latents noised to
+the first timestep that runs, the schedule's last part only, and for a mask, after every step,
+the kept region reset to the input's latents noised to the next timestep.
 Only the denoiser call is batched; everything per image runs on its own slice with the
 pipeline's own arithmetic, so an image alone is the pipeline's image, bit for bit.
 """
@@ -14,13 +18,16 @@ pipeline's own arithmetic, so an image alone is the pipeline's image, bit for bi
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from serve_app.config import ModelConfig
@@ -57,6 +64,11 @@ class DenoiseState:
     step_kwargs: dict[str, Any] = field(default_factory=dict)
     index: int = 0  # next timestep to run
     x0: torch.Tensor | None = None  # the last step's estimate of the final latents (previews)
+    # Inpainting: the input image's latents, the noise they were noised with, and the mask at
+    # latent resolution (1 = repaint, 0 = keep); all None for generations and image-to-image.
+    image_latents: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
     @property
     def done(self) -> bool:
@@ -80,6 +92,8 @@ class Runner:
     sets_begin_index = False
     #: the pipeline's fallback for a scheduler config without max_shift
     default_max_shift = 1.15
+    #: the Inpaint pipeline starts from pure noise at strength 1.0 (FLUX's noises the image)
+    inpaint_from_noise = True
 
     def __init__(self, pipeline: Any, model: ModelConfig, device: str):
         self.pipe = pipeline
@@ -108,6 +122,10 @@ class Runner:
             state.x0 = self.estimate(state, output, stepped)
             state.latents = stepped.prev_sample
             state.index += 1
+            if state.mask is not None:
+                state.latents = self.blend(state, state.latents, noised=not state.done)
+                if state.x0 is not None:  # previews show the kept region as it will end
+                    state.x0 = self.blend(state, state.x0, noised=False)
 
     def finish(self, states: list[DenoiseState]) -> list[Image.Image]:
         latents = torch.cat([s.latents for s in states])
@@ -136,6 +154,76 @@ class Runner:
     def decode(self, latents: torch.Tensor, states: list[DenoiseState]) -> list[Image.Image]:
         raise NotImplementedError
 
+    def encode_image(self, pixels: torch.Tensor, generator: torch.Generator, spec: ImageSpec) -> torch.Tensor:
+        """The input image's latents, as the family's edit pipelines make them: every one samples
+        the VAE's latent distribution with the request's generator (`retrieve_latents`)."""
+        vae = self.pipe.vae
+        return vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor
+
+    def noised(self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """`latents` noised to timestep `t` (a 1-element tensor): DDPM-style `add_noise`."""
+        return scheduler.add_noise(latents, noise, t)
+
+    def start_index(self, steps: int, strength: float) -> int:
+        """How many of `steps` an edit skips: diffusers' SD/SDXL `get_timesteps` (it runs
+        `int(steps * strength)` steps; the flow families round the other way, flow.py)."""
+        return max(steps - min(int(steps * strength), steps), 0)
+
+    def steps_to_run(self, steps: int, strength: float) -> int:
+        """The denoising steps an edit runs: `len(state.timesteps)` with a first-order scheduler."""
+        return steps - self.start_index(steps, strength)
+
+    # -- edits ----------------------------------------------------------------------------
+    def edit_start(self, spec: ImageSpec, generator: torch.Generator, scheduler: Any, timesteps: torch.Tensor,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The first latents of an edit and, for a mask, what the blend needs (DenoiseState's
+        image_latents, noise, mask): the generator draws in the pipelines' order (image latents,
+        then noise), the image noised to the first timestep that runs."""
+        pixels = self.pipe.image_processor.preprocess(spec.image, height=spec.height, width=spec.width)
+        image_latents = self.encode_image(pixels.to(self.device, dtype), generator, spec).to(dtype)
+        if spec.mask is not None:
+            # The Inpaint pipelines copy the latents (`repeat`) where Img2Img keeps the VAE's memory
+            # layout: the denoiser's rounding depends on it, so each keeps its pipeline's.
+            image_latents = image_latents.contiguous()
+        noise = randn_tensor(tuple(image_latents.shape), generator=generator, device=self.device, dtype=dtype)
+        if spec.mask is not None and spec.strength == 1.0 and self.inpaint_from_noise:
+            # The Inpaint pipelines start from pure noise at full strength (Img2Img noises the image).
+            latents = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+        else:
+            latents = self.noised(scheduler, image_latents, noise, timesteps[:1])
+        if spec.mask is None:
+            return self.pack(latents), {}
+        binary = self.mask_processor.preprocess(spec.mask, height=spec.height, width=spec.width)
+        self.after_noise(generator, image_latents)
+        mask = torch.nn.functional.interpolate(binary, size=tuple(image_latents.shape[-2:])).to(self.device, dtype)
+        mask = mask.repeat(1, image_latents.shape[1], 1, 1)  # one per latent channel: packs like the latents
+        return self.pack(latents), {"image_latents": self.pack(image_latents), "noise": self.pack(noise),
+                                    "mask": self.pack(mask)}
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as the denoiser takes them (FLUX packs 2x2 patches)."""
+        return latents
+
+    def after_noise(self, generator: torch.Generator, image_latents: torch.Tensor) -> None:
+        """What the Inpaint pipelines draw from the generator after the noise (they VAE-encode
+        the masked image, unused by a base denoiser): only families whose scheduler draws from
+        the generator later must mirror it (sd.py)."""
+
+    @functools.cached_property
+    def mask_processor(self) -> VaeImageProcessor:
+        """The Inpaint pipelines' mask processor: grayscale, [0, 1], binarized at 0.5."""
+        return VaeImageProcessor(vae_scale_factor=self.pipe.image_processor.config.vae_scale_factor,
+                                 do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+
+    def blend(self, state: DenoiseState, latents: torch.Tensor, noised: bool) -> torch.Tensor:
+        """The Inpaint pipelines' step: `latents` where the mask repaints, the input's latents
+        where it keeps, noised to the next timestep (the state's own scheduler, already
+        stepped) unless this was the last step."""
+        kept = state.image_latents
+        if noised:
+            kept = self.noised(state.scheduler, kept, state.noise, state.timesteps[state.index : state.index + 1])
+        return (1 - state.mask) * kept + state.mask * latents
+
     # -- helpers ------------------------------------------------------------------------
     def uses_cfg(self, spec: ImageSpec) -> bool:
         return self.cfg_family and spec.guidance > 1
@@ -144,10 +232,18 @@ class Runner:
         return torch.Generator(self.device).manual_seed(spec.seed)
 
     def schedule(self, spec: ImageSpec, **kwargs: Any) -> tuple[Any, torch.Tensor]:
-        """The image's own copy of the pipeline's scheduler, set to its own steps."""
+        """The image's own copy of the pipeline's scheduler, set to its own steps; an edit's
+        timesteps are the part its strength runs, its scheduler begins there (`get_timesteps`)."""
         scheduler = copy.deepcopy(self.pipe.scheduler)
-        timesteps, _ = retrieve_timesteps(scheduler, spec.steps, self.device, **kwargs)
-        if self.sets_begin_index and hasattr(scheduler, "set_begin_index"):
+        timesteps, steps = retrieve_timesteps(scheduler, spec.steps, self.device, **kwargs)
+        if spec.image is not None:
+            start = self.start_index(steps, spec.strength) * scheduler.order
+            timesteps = timesteps[start:]
+            if not len(timesteps):
+                raise ValueError(f"strength {spec.strength} with {spec.steps} steps runs no denoising step")
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(start)
+        elif self.sets_begin_index and hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)
         return scheduler, timesteps
 

@@ -27,6 +27,18 @@ class FlowRunner(Runner):
         tokenizer = getattr(self.pipe, self.t5_tokenizer, None)
         return t5_length(getattr(tokenizer, "model_max_length", None), self.model.max_sequence_length)
 
+    def encode_image(self, pixels: torch.Tensor, generator: torch.Generator, spec: ImageSpec) -> torch.Tensor:
+        vae = self.pipe.vae
+        return (vae.encode(pixels).latent_dist.sample(generator) - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def noised(self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # The flow-matching forward process: sigma * noise + (1 - sigma) * latents.
+        return scheduler.scale_noise(latents, t, noise)
+
+    def start_index(self, steps: int, strength: float) -> int:
+        # The SD3/FLUX `get_timesteps`: int() after the subtraction, not before.
+        return int(max(steps - min(steps * strength, steps), 0))
+
     def estimate(self, state: DenoiseState, output: torch.Tensor, stepped: Any) -> torch.Tensor:
         # Flow matching predicts the velocity v = noise - x0 at sigma = t / T: x0 = x_t - sigma * v.
         sigma = state.t / state.scheduler.config.num_train_timesteps
@@ -51,14 +63,18 @@ class StableDiffusion3Runner(FlowRunner):
 
     def initial_state(self, spec: ImageSpec, cond: dict[str, Any]) -> DenoiseState:
         generator = self.generator(spec)
-        latents = self.pipe.prepare_latents(
-            1, self.pipe.transformer.config.in_channels, spec.height, spec.width, cond["prompt"].dtype,
-            self.device, generator,
-        )
-        patch = self.pipe.transformer.config.patch_size
-        shift = self.resolution_shift((latents.shape[2] // patch) * (latents.shape[3] // patch))
+        patch, scale = self.pipe.transformer.config.patch_size, self.pipe.vae_scale_factor
+        shift = self.resolution_shift((spec.height // scale // patch) * (spec.width // scale // patch))
         scheduler, timesteps = self.schedule(spec, **shift)
-        return DenoiseState(spec, generator, scheduler, timesteps, latents, cond)
+        dtype = cond["prompt"].dtype
+        edit: dict[str, torch.Tensor] = {}
+        if spec.image is not None:
+            latents, edit = self.edit_start(spec, generator, scheduler, timesteps, dtype)
+        else:
+            latents = self.pipe.prepare_latents(
+                1, self.pipe.transformer.config.in_channels, spec.height, spec.width, dtype, self.device, generator
+            )
+        return DenoiseState(spec, generator, scheduler, timesteps, latents, cond, **edit)
 
     def denoise(self, states: list[DenoiseState]) -> list[torch.Tensor]:
         cfg = self.uses_cfg(states[0].spec)
@@ -79,6 +95,7 @@ class StableDiffusion3Runner(FlowRunner):
 class FluxRunner(FlowRunner):
     cfg_family = False  # guidance-distilled: guidance is a transformer input
     sets_begin_index = True
+    inpaint_from_noise = False
     t5_tokenizer = "tokenizer_2"
 
     def encode(self, spec: ImageSpec) -> dict[str, Any]:
@@ -90,15 +107,28 @@ class FluxRunner(FlowRunner):
 
     def initial_state(self, spec: ImageSpec, cond: dict[str, Any]) -> DenoiseState:
         generator = self.generator(spec)
-        latents, image_ids = self.pipe.prepare_latents(
-            1, self.pipe.transformer.config.in_channels // 4, spec.height, spec.width, cond["prompt"].dtype,
-            self.device, generator,
-        )
+        side = 2 * self.pipe.vae_scale_factor  # one token per 2x2 latent patch
         sigmas = None
-        if not self.pipe.scheduler.config.get("use_flow_sigmas"):
-            sigmas = np.linspace(1.0, 1 / spec.steps, spec.steps)
-        scheduler, timesteps = self.schedule(spec, sigmas=sigmas, **self.resolution_shift(latents.shape[1]))
-        return DenoiseState(spec, generator, scheduler, timesteps, latents, {**cond, "image_ids": image_ids})
+        if spec.image is not None or not self.pipe.scheduler.config.get("use_flow_sigmas"):
+            sigmas = np.linspace(1.0, 1 / spec.steps, spec.steps)  # the edit pipelines always pass these
+        shift = self.resolution_shift((spec.height // side) * (spec.width // side))
+        scheduler, timesteps = self.schedule(spec, sigmas=sigmas, **shift)
+        dtype = cond["prompt"].dtype
+        edit: dict[str, torch.Tensor] = {}
+        if spec.image is not None:
+            latents, edit = self.edit_start(spec, generator, scheduler, timesteps, dtype)
+            image_ids = self.pipe._prepare_latent_image_ids(1, spec.height // side, spec.width // side,
+                                                            self.device, dtype)
+        else:
+            latents, image_ids = self.pipe.prepare_latents(
+                1, self.pipe.transformer.config.in_channels // 4, spec.height, spec.width, dtype, self.device,
+                generator,
+            )
+        return DenoiseState(spec, generator, scheduler, timesteps, latents, {**cond, "image_ids": image_ids}, **edit)
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = latents.shape
+        return self.pipe._pack_latents(latents, batch, channels, height, width)
 
     def denoise(self, states: list[DenoiseState]) -> list[torch.Tensor]:
         latents = torch.cat([s.latents for s in states])

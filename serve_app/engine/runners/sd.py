@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from serve_app.engine.runners.base import DenoiseState, ImageSpec, Runner
@@ -25,12 +26,28 @@ class StableDiffusionRunner(Runner):
     def initial_state(self, spec: ImageSpec, cond: dict[str, Any]) -> DenoiseState:
         generator = self.generator(spec)
         scheduler, timesteps = self.schedule(spec)
-        latents = self.pipe.prepare_latents(
-            1, self.pipe.unet.config.in_channels, spec.height, spec.width, cond["prompt"].dtype, self.device,
-            generator,
-        )
+        dtype = cond["prompt"].dtype
+        edit: dict[str, torch.Tensor] = {}
+        if spec.image is not None:
+            # The Img2Img/Inpaint pipelines' time ids (SDXL) are the text-to-image ones: their
+            # `requires_aesthetics_score` is False by default, and a text-to-image checkpoint sets none.
+            latents, edit = self.edit_start(spec, generator, scheduler, timesteps, dtype)
+        else:
+            latents = self.pipe.prepare_latents(
+                1, self.pipe.unet.config.in_channels, spec.height, spec.width, dtype, self.device, generator
+            )
         return DenoiseState(spec, generator, scheduler, timesteps, latents, cond,
-                            self.step_kwargs(scheduler, generator))
+                            self.step_kwargs(scheduler, generator), **edit)
+
+    def after_noise(self, generator: torch.Generator, image_latents: torch.Tensor) -> None:
+        # The Inpaint pipelines sample the masked image's latent distribution next: the same
+        # draw without the encode, so that ancestral schedulers' noise matches theirs.
+        randn_tensor(tuple(image_latents.shape), generator=generator, device=self.pipe.vae.device,
+                     dtype=self.vae_encode_dtype)
+
+    @property
+    def vae_encode_dtype(self) -> torch.dtype:
+        return self.pipe.vae.dtype
 
     def model_input(self, states: list[DenoiseState]) -> torch.Tensor:
         # Each image scaled by its own scheduler (Euler divides by its own sigma).
@@ -79,6 +96,27 @@ class StableDiffusionXLRunner(StableDiffusionRunner):
             "text_embeds": self.cfg_rows(states, "pooled", "negative_pooled"),
             "time_ids": self.cfg_rows(states, "time_ids", "negative_time_ids"),
         }}
+
+    @property
+    def vae_encode_dtype(self) -> torch.dtype:
+        return torch.float32 if self.pipe.vae.config.force_upcast else self.pipe.vae.dtype
+
+    def encode_image(self, pixels: torch.Tensor, generator: torch.Generator, spec: ImageSpec) -> torch.Tensor:
+        # In float32 where the VAE must be upcast; Img2Img normalizes with the VAE's latents
+        # mean/std where it has them, Inpaint only scales (as diffusers does, both).
+        vae, dtype = self.pipe.vae, pixels.dtype
+        if vae.config.force_upcast:
+            vae.to(dtype=torch.float32)
+        latents = vae.encode(pixels.to(self.vae_encode_dtype)).latent_dist.sample(generator)
+        if vae.config.force_upcast:
+            vae.to(dtype=dtype)
+        latents = latents.to(dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if spec.mask is None and mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, dtype)
+            std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, dtype)
+            return (latents - mean) * vae.config.scaling_factor / std
+        return vae.config.scaling_factor * latents
 
     def decode(self, latents: torch.Tensor, states: list[DenoiseState]) -> list[Image.Image]:
         pipe, vae = self.pipe, self.pipe.vae

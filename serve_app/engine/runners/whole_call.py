@@ -38,6 +38,9 @@ class WholeCallRunner:
         return (spec.width, spec.height, spec.steps, spec.guidance)
 
     def prepare(self, specs: list[ImageSpec]) -> list[CallState]:
+        if any(spec.image is not None for spec in specs):
+            raise ValueError(f"model {self.engine.model.id!r} cannot edit images: its pipeline runs as whole calls "
+                             "(generic family or batching.mode: call); edits need a step runner")
         return [CallState(spec) for spec in specs]
 
     def step(self, states: list[CallState]) -> None:
