@@ -36,15 +36,6 @@ class GenerationJob:
     def n(self) -> int:
         return len(self.seeds)
 
-    @property
-    def steps_to_run(self) -> int:
-        """Denoising steps actually run: an edit runs the last part of its schedule, as
-        diffusers' image-to-image pipelines do (`num_inference_steps - int(N - N * strength)`)."""
-        if self.strength is None:
-            return self.num_inference_steps
-        n = self.num_inference_steps
-        return n - int(max(n - min(n * self.strength, n), 0))
-
 
 @dataclass(frozen=True)
 class PartialImage:

@@ -109,7 +109,7 @@ class ModelServer:
             key = ("alone", job.request_id, index) if job.deterministic else self.runner.batch_key(spec)
             work = Work(Ticket(job.request_id, index, key, arrived), spec, _deliverer(loop, futures[index]))
             if previews is not None and job.partial_images:
-                work.preview_at = preview_steps(job.steps_to_run, job.partial_images)
+                work.previews = job.partial_images
                 work.on_preview = _preview_sink(loop, previews)
             works.append(work)
         self.loop.submit(works)
@@ -206,12 +206,6 @@ def _decoded(png: bytes | None):
     image = Image.open(io.BytesIO(png))
     image.load()
     return image
-
-
-def preview_steps(steps: int, partial_images: int) -> tuple[int, ...]:
-    """After which steps to show previews: evenly spaced, never before the first step nor
-    after the last (with fewer steps than previews, a step shows more than one)."""
-    return tuple(max(1, min(steps, round((k + 1) * steps / (partial_images + 1)))) for k in range(partial_images))
 
 
 def _preview_sink(loop: asyncio.AbstractEventLoop, previews: asyncio.Queue):

@@ -31,7 +31,8 @@ class Work:
     deliver: Deliver
     state: Any = None  # the runner's per-image state, once admitted
     largest_batch: int = 0
-    preview_at: tuple[int, ...] = ()  # after these steps, decode the estimate and hand it to on_preview
+    previews: int = 0  # streamed partial images wanted, spaced over the steps the image runs
+    preview_at: tuple[int, ...] = ()  # set at admission: after these steps, decode the estimate
     on_preview: Callable[[Any], None] | None = None
 
 
@@ -139,6 +140,9 @@ class StepLoop:
             return
         for work, state in zip(admitted, states, strict=True):
             work.state = state
+            if work.previews and not getattr(self.runner, "whole_call", False):  # whole calls: no previews
+                # Over the steps it runs: an edit runs only the last part of its schedule.
+                work.preview_at = preview_steps(len(state.timesteps), work.previews)
 
     def _step(self, running: list[Work], started: float) -> bool:
         """One denoiser call over the running batch; decode and deliver what finished.
@@ -194,3 +198,9 @@ class StepLoop:
             self.scheduler.finished([w.ticket for w in works])
             for work in works:
                 self._work.pop(id(work.ticket), None)
+
+
+def preview_steps(steps: int, partial_images: int) -> tuple[int, ...]:
+    """After which steps to show previews: evenly spaced, never before the first step nor
+    after the last (with fewer steps than previews, a step shows more than one)."""
+    return tuple(max(1, min(steps, round((k + 1) * steps / (partial_images + 1)))) for k in range(partial_images))

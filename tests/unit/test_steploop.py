@@ -156,7 +156,7 @@ def test_previews_are_decoded_after_their_steps(runner):
     previews: list = []
     s = spec(6)
     work = Work(Ticket("p", 0, runner.batch_key(s)), s, lambda out, batch: results.put(out),
-                preview_at=(2, 4), on_preview=previews.append)
+                previews=2, on_preview=previews.append)
     loop.submit([work])
     final = results.get(timeout=60)
     loop.stop()

@@ -169,10 +169,6 @@ class Runner:
         `int(steps * strength)` steps; the flow families round the other way, flow.py)."""
         return max(steps - min(int(steps * strength), steps), 0)
 
-    def steps_to_run(self, steps: int, strength: float) -> int:
-        """The denoising steps an edit runs: `len(state.timesteps)` with a first-order scheduler."""
-        return steps - self.start_index(steps, strength)
-
     # -- edits ----------------------------------------------------------------------------
     def edit_start(self, spec: ImageSpec, generator: torch.Generator, scheduler: Any, timesteps: torch.Tensor,
                    dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
