@@ -81,24 +81,29 @@ def open_image(upload: Upload, max_pixels: int, *, formats: tuple[str, ...] = tu
         with warnings.catch_warnings():  # our own pixel bound comes first, below
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(upload.data), formats=[FORMATS[kind]])
-    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError):
+    except Image.DecompressionBombError:  # PIL's own bound (far above any model's), at open
+        raise _too_large(upload, "far more", max_pixels) from None
+    except (OSError, SyntaxError, ValueError, EOFError):
         raise _unreadable(upload) from None
     width, height = image.size
     if width * height > max_pixels or width < 1 or height < 1:
-        raise InvalidRequestError(
-            f"'{upload.param}' is {width}x{height} pixels; this model takes at most {max_pixels} pixels.",
-            param=upload.param, code="image_too_large",
-        )
+        raise _too_large(upload, f"{width}x{height}", max_pixels)
     return image
 
 
+def _too_large(upload: Upload, size: str, max_pixels: int) -> InvalidRequestError:
+    return InvalidRequestError(f"'{upload.param}' is {size} pixels; this model takes at most {max_pixels} pixels.",
+                               param=upload.param, code="image_too_large")
+
+
 def decode(upload: Upload, image: Image.Image) -> Image.Image:
-    """The full decode of an opened image (upright, as its EXIF orientation says)."""
+    """The full decode of an opened image (a JPEG upright, as its EXIF orientation says:
+    cameras and phones write it)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image.load()
-            return ImageOps.exif_transpose(image)
+            return ImageOps.exif_transpose(image) if image.format == "JPEG" else image
     except (Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError):
         raise _unreadable(upload) from None
 

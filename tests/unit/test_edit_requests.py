@@ -239,7 +239,9 @@ def test_unknown_model_and_a_model_that_does_not_edit(ingress):
 
 def test_malformed_bodies_are_400(ingress):
     headers = {"content-type": "multipart/form-data; boundary=xyz"}
-    assert error(post(ingress, content=b"--xyz\r\nbroken", headers=headers))["code"] == "invalid_form"
+    assert error(post(ingress, content=b"--xyz\r\nbroken", headers=headers))["param"] == "model"  # truncated: empty
+    assert error(post(ingress, content=b"--xyz\r\n\r\nno disposition\r\n--xyz--\r\n", headers=headers))["code"] \
+        == "invalid_form"
     assert error(post(ingress, content=b"x", headers={"content-type": "multipart/form-data"}))["code"] \
         == "invalid_form"
     assert error(post(ingress, content=b"{not json"))["code"] == "invalid_json"

@@ -71,10 +71,11 @@ def test_bomb_header_is_refused_before_any_decode(monkeypatch):
         raise AssertionError("decoded")
 
     monkeypatch.setattr(Image.Image, "load", no_decode)
-    bomb = png_header_only(100_000, 100_000)
-    error = error_of(lambda: uploads.input_size([Upload("image[1]", bomb)], MAX_PIXELS))
-    assert (error.param, error.code) == ("image[1]", "image_too_large")
-    assert "100000x100000" in error.message
+    for width in (100_000, 3000):  # past PIL's own bound (refused at open), and past only the model's
+        bomb = png_header_only(width, width)
+        error = error_of(lambda b=bomb: uploads.input_size([Upload("image[1]", b)], MAX_PIXELS))
+        assert (error.param, error.code) == ("image[1]", "image_too_large")
+    assert "3000x3000" in error.message
 
 
 def test_just_over_the_models_pixels_is_refused():
@@ -224,3 +225,15 @@ def test_fetch_size_cap(monkeypatch):
 def test_file_id_is_400_naming_the_field():
     error = error_of(lambda: asyncio.run(uploads.resolve_ref(None, "file-abc", "images[2]", [])))
     assert error.param == "images[2].file_id"
+
+
+def test_jpeg_exif_orientation_is_applied_and_auto_size_follows_it():
+    image = Image.new("RGB", (64, 48), (10, 20, 30))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    out = io.BytesIO()
+    image.save(out, format="JPEG", exif=exif.tobytes())
+    upload = Upload("image", out.getvalue())
+    assert uploads.input_size([upload], MAX_PIXELS) == (48, 64)
+    edit = uploads.prepare([upload], Upload("mask", alpha_mask(48, 64)), width=48, height=64, max_pixels=MAX_PIXELS)
+    assert Image.open(io.BytesIO(edit.init_image)).size == (48, 64)
