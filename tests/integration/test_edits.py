@@ -63,9 +63,9 @@ def stored(server) -> set[Path]:
     return set(server.storage.rglob("*")) if server.storage.exists() else set()
 
 
-def post(server, path: str = "/v1/images/edits", **kwargs) -> httpx.Response:
-    return httpx.post(f"{server.base_url}{path}", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120,
-                      **kwargs)
+def post(server, path: str = "/v1/images/edits", headers: dict | None = None, **kwargs) -> httpx.Response:
+    return httpx.post(f"{server.base_url}{path}", headers={"Authorization": f"Bearer {API_KEY}", **(headers or {})},
+                      timeout=120, **kwargs)
 
 
 @pytest.mark.parametrize("model", ["tiny-sd", "tiny-flux", "tiny-sdxl"])
@@ -212,6 +212,18 @@ def test_streamed_edit_is_image_edit_events(server):
     assert events[-1]["usage"]["input_tokens_details"]["image_tokens"] == 256
 
 
+def test_idempotency_key_on_edits(server):
+    key = {"Idempotency-Key": f"edit-{os.urandom(6).hex()}"}
+    fields = {"model": "tiny-sd", "prompt": "x", "response_format": "b64_json", **FAST}
+    first = post(server, data=fields, files={"image": ("a.png", PHOTO)}, headers=key)
+    again = post(server, data=fields, files={"image": ("renamed.png", PHOTO)}, headers=key)  # same bytes
+    assert first.status_code == again.status_code == 200, again.text
+    assert again.headers["x-artserve-idempotent-replay"] == "true"
+    assert again.json() == first.json()
+    other = post(server, data=fields, files={"image": ("a.png", photo(320, 256))}, headers=key)
+    assert other.status_code == 409, other.text
+
+
 def test_node_sdk_edits(server):
     node = shutil.which("node")
     assert node and (NODE_DIR / "node_modules" / "openai").exists(), "run scripts/dev setup (npm install)"
@@ -227,14 +239,17 @@ def test_node_sdk_edits(server):
 
 @pytest.mark.needs_engine_edits
 def test_inpainting_keeps_the_unmasked_half_and_repaints_the_masked_half(client):
-    """Semantics (engine side): with a mask, the opaque (kept) half stays close to the input;
-    the transparent half is repainted."""
-    response = client.images.edit(model="tiny-sd", image=photo(), mask=left_half_mask(), prompt="x",
-                                  response_format="b64_json", output_format="png",
-                                  extra_body={"seed": 3, "num_inference_steps": 4})
-    out = np.asarray(decode(response.data[0].b64_json).convert("RGB"), dtype=np.float32)
-    source = np.asarray(Image.open(io.BytesIO(photo())).convert("RGB"), dtype=np.float32)
-    kept = np.abs(out[:, 128:] - source[:, 128:]).mean()
-    repainted = np.abs(out[:, :128] - source[:, :128]).mean()
-    assert kept < 12, kept
-    assert repainted > 3 * kept, (repainted, kept)
+    """Semantics (engine side): with a mask, what the output shows in the kept (opaque) half
+    comes from the input, not the seed; the repainted (transparent) half comes from the seed.
+    Measured as change between two seeds, away from the boundary (the tiny models' random VAE
+    does not reproduce the input's pixels, so "close to the input" is not the test here)."""
+    def inpaint(seed: int) -> np.ndarray:
+        response = client.images.edit(model="tiny-sd", image=photo(), mask=left_half_mask(), prompt="x",
+                                      response_format="b64_json", output_format="png",
+                                      extra_body={"seed": seed, "num_inference_steps": 4, "deterministic": True})
+        return np.asarray(decode(response.data[0].b64_json).convert("RGB"), dtype=np.float32)
+
+    change = np.abs(inpaint(3) - inpaint(4))
+    kept, repainted = change[:, 192:].mean(), change[:, :64].mean()
+    assert repainted > 1, repainted
+    assert kept < 0.25 * repainted, (kept, repainted)
