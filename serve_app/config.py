@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import re
 from pathlib import Path
@@ -76,6 +77,27 @@ class SizeRules(Strict):
             )
         return text
 
+    def max_input_pixels(self) -> int:
+        """The largest input image (W*H) an edit may upload: the model's largest size."""
+        areas = [w * h for w, h in (parse_size(size) or (0, 0) for size in self.allowed)]
+        return max([*areas, self.max_pixels if self.multiple_of else 0])
+
+    def nearest(self, width: int, height: int) -> tuple[int, int]:
+        """An accepted size close to WxH (an edit's `size: auto`): WxH itself rounded to the
+        multiple-of rule when that fits, otherwise the listed size nearest in shape, then area."""
+        if self.multiple_of:
+            m = self.multiple_of
+            scale = min(1.0, (self.max_pixels / (width * height)) ** 0.5, self.max_side / max(width, height))
+            scale = max(scale, self.min_side / min(width, height))
+            w, h = (max(m, round(side * scale / m) * m) for side in (width, height))
+            while w * h > self.max_pixels and max(w, h) > m:
+                w, h = (w - m, h) if w >= h else (w, h - m)
+            if self.accepts(w, h):
+                return w, h
+        sizes = [parse_size(size) for size in self.allowed]
+        return min(sizes, key=lambda s: (abs(math.log(s[0] * height / (s[1] * width))),  # type: ignore[index]
+                                         abs(s[0] * s[1] - width * height)))  # type: ignore[index]
+
     def rule(self) -> str | None:
         return self.describe().partition(", or ")[2] or None
 
@@ -101,6 +123,23 @@ class Limits(Strict):
     max_inference_steps: int = Field(100, gt=0, description="Cap on num_inference_steps.")
     min_guidance_scale: float = Field(0.0, ge=0, description="Floor on guidance_scale.")
     max_guidance_scale: float = Field(30.0, ge=0, description="Cap on guidance_scale.")
+
+
+class EditSettings(Strict):
+    """`POST /v1/images/edits` and `/variations` for this model (README "Edits and variations")."""
+
+    enabled: bool = Field(True, description="Whether the model takes edits and variations.")
+    inpainting: bool = Field(True, description="Whether a mask is honoured (inpainting).")
+    max_input_images: int = Field(
+        1, ge=1, le=1,
+        description="Input images an edit may carry. Every family here conditions on one image (the first); "
+        "a family that conditions on several would raise the bound.",
+    )
+    default_strength: float = Field(
+        0.6, gt=0, le=1, description="Image-to-image strength of an edit without a mask (1: ignore the input)."
+    )
+    inpaint_strength: float = Field(1.0, gt=0, le=1, description="Strength of an edit with a mask, in the masked area.")
+    variation_strength: float = Field(0.75, gt=0, le=1, description="Strength of a variation (no prompt).")
 
 
 class Batching(Strict):
@@ -190,12 +229,23 @@ class ModelConfig(Strict):
     limits: Limits = Limits()
     quality: dict[Literal["standard", "hd", "low", "medium", "high", "auto"], QualityPreset]
     style: dict[Literal["vivid", "natural"], StylePreset]
+    edits: EditSettings = Field(
+        default_factory=EditSettings, description="Edits/variations; `generic` models cannot edit (enabled: false)."
+    )
     batching: Batching = Batching()
     engine: EngineOptions = EngineOptions()
     deployment: dict[str, Any] = Field(
         default_factory=dict, description="Ray Serve deployment options, over the defaults."
     )
     created: int = Field(0, description="Set from the file's mtime when loaded.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _generic_does_not_edit(cls, data: Any) -> Any:
+        # A generic pipeline is called as text-to-image only: no image input to give it.
+        if isinstance(data, dict) and data.get("family") == "generic" and "edits" not in data:
+            data = {**data, "edits": {"enabled": False}}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
@@ -216,6 +266,8 @@ class ModelConfig(Strict):
             raise ValueError("max_sequence_length is for T5-encoded pipelines (flux, stable-diffusion-3, generic)")
         if set(self.style) != {"vivid", "natural"}:
             raise ValueError("style presets must define exactly vivid and natural")
+        if self.family == "generic" and self.edits.enabled:
+            raise ValueError("edits: generic pipelines are text-to-image only (edits.enabled: false)")
         check_deployment_options(self.deployment)
         return self
 
@@ -258,6 +310,7 @@ ENV_OVERRIDES = {
     "idempotency_max_bytes": "ARTSERVE_IDEMPOTENCY_MAX_BYTES",
     "janitor_period_s": "ARTSERVE_JANITOR_PERIOD_S",
     "drain_dir": "ARTSERVE_DRAIN_DIR",
+    "edit_url_hosts": "ARTSERVE_EDIT_URL_HOSTS",
 }
 
 
@@ -307,7 +360,22 @@ class AppConfig(Strict):
         None, description="Set by `python -m serve_app run`: its graceful stop (serve_app/drain.py). "
         "Env: ARTSERVE_DRAIN_DIR.",
     )
+    edit_url_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts whose http(s) image URLs JSON edits may reference (exact names; none by default: the "
+        "server would otherwise fetch any address for anyone). Env: ARTSERVE_EDIT_URL_HOSTS, comma-separated.",
+    )
     ingress: dict[str, Any] = Field(default_factory=dict, description="Ingress deployment options.")
+
+    @field_validator("edit_url_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, hosts: Any) -> Any:
+        if isinstance(hosts, str):
+            hosts = hosts.split(",")
+        if isinstance(hosts, list):
+            return [h.strip().lower() for h in hosts if isinstance(h, str) and h.strip()] + [
+                h for h in hosts if not isinstance(h, str)]
+        return hosts
 
     @field_validator("ingress")
     @classmethod

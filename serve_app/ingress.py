@@ -9,7 +9,8 @@ import logging
 import math
 import secrets
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -20,10 +21,11 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app import idempotency
+from serve_app import idempotency, uploads
 from serve_app.auth import ApiKeys
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.drain import DrainMiddleware, DrainState
+from serve_app.edits import EditBody, read_edit, read_variation
 from serve_app.errors import (
     ArtServeError,
     GenerationError,
@@ -37,10 +39,10 @@ from serve_app.idempotency import fingerprint, run_once
 from serve_app.job import GenerationJob, GenerationResult
 from serve_app.limits import BodyLimitMiddleware, decode_json_body
 from serve_app.metrics import IngressMetrics
-from serve_app.openapi import GENERATIONS_DOC, MODEL_DOC, MODELS_DOC, install_openapi
+from serve_app.openapi import EDITS_DOC, GENERATIONS_DOC, MODEL_DOC, MODELS_DOC, VARIATIONS_DOC, install_openapi
 from serve_app.playground import mount_playground
-from serve_app.presets import resolve_job
-from serve_app.protocol import ModelCard, ModelList, parse_generate_request
+from serve_app.presets import check_edit, edit_strength, resolve_job
+from serve_app.protocol import ImageVariationRequest, ModelCard, ModelList, parse_generate_request
 from serve_app.readiness import ModelReadiness
 from serve_app.responses import images_response, relay
 from serve_app.storage import CONTENT_TYPES
@@ -156,9 +158,21 @@ class ImageIngress:
         self, body: Any, request_id: str, base_url: str, idempotency_key: str | None = None
     ) -> Response:
         model = body.get("model") if isinstance(body, dict) else None
+        return await self._respond(model, lambda: self._prepare(body, request_id, base_url), idempotency_key,
+                                   lambda: fingerprint(body))
+
+    async def edit(
+        self, body: EditBody, request_id: str, base_url: str, idempotency_key: str | None = None
+    ) -> Response:
+        """An edit or a variation (already read and validated as a request: edits.py)."""
+        return await self._respond(body.request.model, lambda: self._prepare_edit(body, request_id, base_url),
+                                   idempotency_key, lambda: body.fingerprint)
+
+    async def _respond(self, model: Any, prepare: Callable[[], Awaitable[Prepared]], idempotency_key: str | None,
+                       body_fingerprint: Callable[[], str]) -> Response:
         model_tag = model if isinstance(model, str) and model in self.models else "-"
         try:
-            prepared = await self._prepare(body, request_id, base_url)
+            prepared = await prepare()
             if prepared.stream:  # not replayable: an Idempotency-Key is ignored (README)
                 response = await self._stream(prepared)
                 self.metrics.response(model_tag, 200)
@@ -167,7 +181,7 @@ class ImageIngress:
                 content, headers = await self._run(prepared)
             else:
                 content, headers = await run_once(
-                    self.idempotency, idempotency_key, fingerprint(body), self.config.request_timeout_s,
+                    self.idempotency, idempotency_key, body_fingerprint(), self.config.request_timeout_s,
                     lambda: self._run(prepared),
                 )
         except ArtServeError as exc:
@@ -176,15 +190,42 @@ class ImageIngress:
         self.metrics.response(model_tag, 200)
         return JSONResponse(content, headers=headers)
 
+    def _model(self, model_id: Any) -> ModelConfig:
+        model = self.models.get(model_id) if isinstance(model_id, str) else None
+        if model is None:
+            raise ModelNotFoundError(str(model_id))
+        return model
+
     async def _prepare(self, body: Any, request_id: str, base_url: str) -> Prepared:
         request = parse_generate_request(body)
-        model = self.models.get(request.model) if isinstance(request.model, str) else None
-        if model is None:
-            raise ModelNotFoundError(str(request.model))
+        model = self._model(request.model)
         job = resolve_job(request, model, request_id=request_id, base_url=base_url)
         logger.info(
             "request %s: model=%s n=%d size=%dx%d steps=%d user=%s",
             request_id, model.id, job.n, job.width, job.height, job.num_inference_steps, request.user,
+        )
+        return Prepared(model.id, job, request.quality, bool(request.stream))
+
+    async def _prepare_edit(self, body: EditBody, request_id: str, base_url: str) -> Prepared:
+        """Every check that needs no image first (nothing fetched for a refused request), then
+        the images: headers (pixel bound), then the decode, off the event loop."""
+        request, model = body.request, self._model(body.request.model)
+        check_edit(model, images=body.image_count, mask=body.has_mask, image_param=body.image_param)
+        resolve_job(request, model, request_id=request_id, base_url=base_url)  # scalar fields: a 400 before fetching
+        images, mask = await body.load()
+        max_pixels = model.sizes.max_input_pixels()
+        size = await asyncio.to_thread(uploads.input_size, images, max_pixels)
+        job = resolve_job(request, model, request_id=request_id, base_url=base_url, input_size=size)
+        edit = await asyncio.to_thread(uploads.prepare, images, mask, width=job.width, height=job.height,
+                                       max_pixels=max_pixels)
+        variation = isinstance(request, ImageVariationRequest)
+        job = replace(job, init_image=edit.init_image, mask=edit.mask, image_tokens=edit.image_tokens,
+                      strength=edit_strength(request, model, mask=mask is not None),
+                      event_prefix="image_generation" if variation else "image_edit")
+        logger.info(
+            "request %s: %s model=%s n=%d input=%dx%d size=%dx%d steps=%d strength=%s mask=%s user=%s",
+            request_id, "variation" if variation else "edit", model.id, job.n, *size, job.width, job.height,
+            job.num_inference_steps, job.strength, mask is not None, request.user,
         )
         return Prepared(model.id, job, request.quality, bool(request.stream))
 
@@ -233,7 +274,17 @@ class ImageIngress:
             default_output_format=model.default_output_format,
             max_prompt_chars=model.max_prompt_chars,
             supports_negative_prompt=model.supports_negative_prompt,
+            supports_edits=model.edits.enabled,
+            supports_inpainting=model.edits.enabled and model.edits.inpainting,
+            max_input_images=model.edits.max_input_images if model.edits.enabled else 0,
         )
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get(idempotency.HEADER)
+    if key is None:
+        return None
+    return idempotency.scoped_key(request.headers.get("authorization"), idempotency.check_key(key))
 
 
 def create_api(ingress: ImageIngress) -> FastAPI:
@@ -281,13 +332,17 @@ def create_api(ingress: ImageIngress) -> FastAPI:
     @api.post("/v1/images/generations", dependencies=[Depends(authorize)], openapi_extra=GENERATIONS_DOC)
     async def images_generations(request: Request) -> JSONResponse:
         body = decode_json_body(await request.body())  # 413 past the limit, while reading
-        key = request.headers.get(idempotency.HEADER)
-        scoped = (
-            idempotency.scoped_key(request.headers.get("authorization"), idempotency.check_key(key))
-            if key is not None
-            else None
-        )
-        return await ingress.generate(body, request.state.request_id, str(request.base_url), scoped)
+        return await ingress.generate(body, request.state.request_id, str(request.base_url), _idempotency_key(request))
+
+    @api.post("/v1/images/edits", dependencies=[Depends(authorize)], openapi_extra=EDITS_DOC)
+    async def images_edits(request: Request) -> Response:
+        body = await read_edit(request, config.edit_url_hosts)  # 413 past the limit, while reading
+        return await ingress.edit(body, request.state.request_id, str(request.base_url), _idempotency_key(request))
+
+    @api.post("/v1/images/variations", dependencies=[Depends(authorize)], openapi_extra=VARIATIONS_DOC)
+    async def images_variations(request: Request) -> Response:
+        body = await read_variation(request)
+        return await ingress.edit(body, request.state.request_id, str(request.base_url), _idempotency_key(request))
 
     @api.get("/v1/models", dependencies=[Depends(authorize)], openapi_extra=MODELS_DOC)
     async def list_models() -> JSONResponse:

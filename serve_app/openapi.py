@@ -13,7 +13,15 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
-from serve_app.protocol import ImageGenerateRequest, ImagesResponse, ModelCard, ModelList
+from serve_app.protocol import (
+    ImageEditJsonRequest,
+    ImageEditRequest,
+    ImageGenerateRequest,
+    ImagesResponse,
+    ImageVariationRequest,
+    ModelCard,
+    ModelList,
+)
 
 
 class ErrorDetail(BaseModel):
@@ -29,7 +37,8 @@ class ErrorEnvelope(BaseModel):
     error: ErrorDetail
 
 
-MODELS: list[type[BaseModel]] = [ImageGenerateRequest, ImagesResponse, ModelCard, ModelList, ErrorEnvelope]
+MODELS: list[type[BaseModel]] = [ImageGenerateRequest, ImageEditRequest, ImageEditJsonRequest, ImageVariationRequest,
+                                  ImagesResponse, ModelCard, ModelList, ErrorEnvelope]
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
@@ -72,6 +81,47 @@ GENERATIONS_DOC: dict[str, Any] = {
         "503": _error("Model not ready, replica lost, storage unavailable.", _RETRY_AFTER),
         **_COMMON_ERRORS,
     },
+}
+_BINARY = {"type": "string", "format": "binary"}
+_FILES = {
+    "image": {**_BINARY, "description": "One input image (png, webp or jpeg; at most 50 MB)."},
+    "image[]": {"type": "array", "items": _BINARY, "maxItems": 16, "description": "Several input images."},
+    "mask": {**_BINARY, "description": "PNG with alpha, the first image's size: alpha 0 is repainted."},
+}
+
+
+def _form(model: type[BaseModel], files: tuple[str, ...]) -> dict[str, Any]:
+    """A multipart body: the model's fields as text parts (numbers and booleans as strings)
+    plus file parts."""
+    return {"allOf": [_ref(model), {"type": "object", "properties": {k: _FILES[k] for k in files}}]}
+
+
+_EDIT_ERRORS = {
+    "400": _error("Malformed form or JSON, wrong types, out-of-range values, unsupported size, bad image or mask, "
+                  "too many images, a URL not on the allow-list, file_id."),
+    "404": _error("Unknown model."),
+    "409": _error("Idempotency-Key reused with a different body."),
+    "429": _error("Over capacity.", _RETRY_AFTER),
+    "503": _error("Model not ready, replica lost, storage unavailable.", _RETRY_AFTER),
+    **_COMMON_ERRORS,
+}
+EDITS_DOC: dict[str, Any] = {
+    "summary": "Edit an image from a prompt: image-to-image, or inpainting with a mask (OpenAI Images API).",
+    "parameters": GENERATIONS_DOC["parameters"],
+    "requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": _form(ImageEditRequest, ("image", "image[]", "mask"))},
+        "application/json": {"schema": _ref(ImageEditJsonRequest)},
+    }},
+    "responses": {"200": _json(ImagesResponse, "The images, in order (stream: image_edit.* events)."),
+                  **_EDIT_ERRORS},
+}
+VARIATIONS_DOC: dict[str, Any] = {
+    "summary": "Variations of an image, with no prompt (OpenAI Images API).",
+    "parameters": GENERATIONS_DOC["parameters"],
+    "requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": _form(ImageVariationRequest, ("image",))},
+    }},
+    "responses": {"200": _json(ImagesResponse, "The images, in order."), **_EDIT_ERRORS},
 }
 MODELS_DOC: dict[str, Any] = {"responses": {"200": _json(ModelList, "Every served model."), **_COMMON_ERRORS}}
 MODEL_DOC: dict[str, Any] = {

@@ -6,14 +6,22 @@ from __future__ import annotations
 
 import secrets
 
-from serve_app.config import ModelConfig, parse_size
+from serve_app.config import ModelConfig, StylePreset, parse_size
 from serve_app.errors import InvalidRequestError
 from serve_app.job import GenerationJob
-from serve_app.protocol import MAX_SEED, ImageGenerateRequest
+from serve_app.protocol import MAX_SEED, ImageGenerateRequest, ImageRequest, ImageVariationRequest
+
+NO_STYLE = StylePreset()  # edits and variations: the prompt as given
 
 
-def resolve_size(request: ImageGenerateRequest, model: ModelConfig) -> tuple[int, int]:
+def resolve_size(
+    request: ImageRequest, model: ModelConfig, input_size: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """The output size. `auto` (or none) is the model's default size, or for an edit the
+    input image's size rounded to the model's rule."""
     size = "auto" if request.size is None else request.size
+    if size == "auto" and input_size is not None:
+        return model.sizes.nearest(*input_size)
     dims = parse_size(model.default_size if size == "auto" else size)
     if dims is None or not model.sizes.accepts(*dims):
         raise InvalidRequestError(
@@ -24,9 +32,41 @@ def resolve_size(request: ImageGenerateRequest, model: ModelConfig) -> tuple[int
     return dims
 
 
+def check_edit(model: ModelConfig, *, images: int, mask: bool, image_param: str = "image") -> None:
+    """What the model's `edits` settings allow: edits at all, this many images, a mask."""
+    edits = model.edits
+    if not edits.enabled:
+        raise InvalidRequestError(f"Model '{model.id}' ({model.family}) does not take edits or variations.",
+                                  param="model")
+    if images > edits.max_input_images:
+        raise InvalidRequestError(
+            f"Model '{model.id}' takes {edits.max_input_images} input image(s); {images} were given.",
+            param=image_param,
+        )
+    if mask and not edits.inpainting:
+        raise InvalidRequestError(f"Model '{model.id}' does not take a mask (no inpainting).", param="mask")
+
+
+def edit_strength(request: ImageRequest, model: ModelConfig, *, mask: bool) -> float:
+    """The request's `strength` extension, or the model's default for this kind of edit."""
+    strength = getattr(request, "strength", None)
+    if strength is not None:
+        return strength
+    if isinstance(request, ImageVariationRequest):
+        return model.edits.variation_strength
+    return model.edits.inpaint_strength if mask else model.edits.default_strength
+
+
 def resolve_job(
-    request: ImageGenerateRequest, model: ModelConfig, *, request_id: str, base_url: str
+    request: ImageRequest,
+    model: ModelConfig,
+    *,
+    request_id: str,
+    base_url: str,
+    input_size: tuple[int, int] | None = None,
 ) -> GenerationJob:
+    """A generation's job; for an edit or variation (`input_size`: its first image's), the
+    same job before its input image is attached (ingress)."""
     if len(request.prompt) > model.max_prompt_chars:
         raise InvalidRequestError(
             f"The prompt is {len(request.prompt)} characters; model '{model.id}' accepts at "
@@ -44,9 +84,9 @@ def resolve_job(
             f"Model '{model.id}' ({model.family}) does not use a negative prompt.",
             param="negative_prompt",
         )
-    width, height = resolve_size(request, model)
+    width, height = resolve_size(request, model, input_size)
     quality = model.quality_preset(request.quality or "standard")
-    style = model.style[request.style or "vivid"]
+    style = model.style[request.style or "vivid"] if isinstance(request, ImageGenerateRequest) else NO_STYLE
     limits = model.limits
 
     steps = request.num_inference_steps or quality.num_inference_steps

@@ -7,7 +7,7 @@ validation failure becomes a 400 naming the field, never FastAPI's 422.
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -23,37 +23,26 @@ ResponseFormat = Literal["url", "b64_json"]
 MAX_SEED = 2**63
 
 
-class ImageGenerateRequest(BaseModel):
-    """`POST /v1/images/generations`. `None` (JSON null) means "use the default", as in the
-    OpenAI SDK; defaults that depend on the model are resolved by the ingress."""
+class _ImageRequest(BaseModel):
+    """What every image route takes (generations, edits, variations). `None` (JSON null)
+    means "use the default", as in the OpenAI SDK; defaults that depend on the model are
+    resolved by presets.py."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
     model: str = Field(min_length=1, description="A configured model id.")
-    prompt: str = Field(description="What to draw; the model caps its length.")
     n: int | None = Field(None, ge=1, le=10, description="Number of images, 1-10.")
     size: str | None = Field(None, description='"WIDTHxHEIGHT" or "auto".')
-    quality: Quality | None = Field(None, description="Maps to a per-model preset.")
     response_format: ResponseFormat | None = Field(None, description="url or b64_json.")
-    style: Style | None = Field(None, description="Maps to a per-model preset.")
     output_format: OutputFormat | None = Field(None, description="Image encoding.")
     output_compression: int | None = Field(
         None, ge=0, le=100, description="Quality 0-100 for jpeg/webp; 100 is lossless webp."
     )
     user: str | None = Field(None, description="End-user id, logged only.")
-    background: Literal["transparent", "opaque", "auto"] | None = Field(
-        None, description="Accepted; `transparent` only where the model can honour it."
-    )
-    moderation: Literal["low", "auto"] | None = Field(None, description="Accepted, logged.")
-    stream: bool | None = Field(None, description="true: Server-Sent Events (partial images, then the image).")
-    partial_images: int | None = Field(
-        None, ge=0, le=3, description="Previews streamed before the final image (stream mode), 0-3."
-    )
     # ArtServe extensions, sent by the SDKs through `extra_body`.
     seed: int | None = Field(
         None, ge=0, lt=MAX_SEED, description="Seed of the first image; image i uses seed+i."
     )
-    negative_prompt: str | None = Field(None, description="What to steer away from.")
     num_inference_steps: int | None = Field(None, ge=1, description="Denoising steps.")
     guidance_scale: float | None = Field(
         None, ge=0, allow_inf_nan=False, description="Classifier-free/distilled guidance."
@@ -64,6 +53,22 @@ class ImageGenerateRequest(BaseModel):
         "gives the same bytes whatever the load. Slower under load.",
     )
 
+
+class _PromptedRequest(_ImageRequest):
+    """Generations and edits: a prompt and the presets."""
+
+    prompt: str = Field(description="What to draw; the model caps its length.")
+    quality: Quality | None = Field(None, description="Maps to a per-model preset.")
+    background: Literal["transparent", "opaque", "auto"] | None = Field(
+        None, description="Accepted; `transparent` only where the model can honour it."
+    )
+    moderation: Literal["low", "auto"] | None = Field(None, description="Accepted, logged.")
+    stream: bool | None = Field(None, description="true: Server-Sent Events (partial images, then the image).")
+    partial_images: int | None = Field(
+        None, ge=0, le=3, description="Previews streamed before the final image (stream mode), 0-3."
+    )
+    negative_prompt: str | None = Field(None, description="What to steer away from.")
+
     @field_validator("prompt")
     @classmethod
     def _prompt_not_blank(cls, prompt: str) -> str:
@@ -72,16 +77,75 @@ class ImageGenerateRequest(BaseModel):
         return prompt
 
 
+class ImageGenerateRequest(_PromptedRequest):
+    """`POST /v1/images/generations`."""
+
+    style: Style | None = Field(None, description="Maps to a per-model preset.")
+
+
+Strength = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+
+
+class ImageEditRequest(_PromptedRequest):
+    """`POST /v1/images/edits`, its scalar fields (multipart form fields, or JSON). The images
+    and the mask are files (multipart) or `images`/`mask` references (JSON)."""
+
+    input_fidelity: Literal["high", "low"] | None = Field(None, description="Accepted; no effect.")
+    strength: Strength | None = Field(
+        None, description="How much of the input is repainted (0-1]; default per model (edits in its YAML)."
+    )
+
+
+class ImageRef(BaseModel):
+    """JSON edits: one image reference (`ImageRefParam`)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    image_url: str | None = Field(None, description="A data: URL, or an http(s) URL on the operator's allow-list.")
+    file_id: str | None = Field(None, description="Not supported: there is no Files API.")
+
+
+class ImageEditJsonRequest(ImageEditRequest):
+    """`POST /v1/images/edits` with a JSON body (`EditImageBodyJsonParam`)."""
+
+    images: list[ImageRef] = Field(min_length=1, max_length=16, description="1-16 image references.")
+    mask: ImageRef | None = Field(None, description="PNG with alpha: alpha 0 is repainted.")
+
+
+class ImageVariationRequest(_ImageRequest):
+    """`POST /v1/images/variations` (multipart), its form fields besides `image`. No prompt:
+    the class attributes below are what the presets read for a variation."""
+
+    prompt: ClassVar[str] = ""
+    quality: ClassVar[None] = None
+    background: ClassVar[None] = None
+    stream: ClassVar[None] = None
+    partial_images: ClassVar[None] = None
+    negative_prompt: ClassVar[None] = None
+    strength: Strength | None = Field(None, description="Default: the model's variation strength.")
+
+
+ImageRequest = ImageGenerateRequest | ImageEditRequest | ImageVariationRequest
+
 
 def parse_generate_request(body: Any) -> ImageGenerateRequest:
     """Validate a decoded JSON body; the first problem becomes a 400 naming its field."""
+    return parse_request(ImageGenerateRequest, body)
+
+
+R = TypeVar("R", bound=BaseModel)
+
+
+def parse_request(model: type[R], body: Any, *, from_form: bool = False) -> R:
+    """Validate a decoded JSON body (strict types) or form fields (`from_form`: numbers and
+    booleans arrive as strings, so they are converted); the first problem is a 400 naming its field."""
     if not isinstance(body, dict):
         raise InvalidRequestError("The request body must be a JSON object.", param=None)
     try:
-        request = ImageGenerateRequest.model_validate(body)
+        request = model.model_validate(body, strict=False if from_form else None)
     except ValidationError as exc:
         raise _first_error(exc) from None
-    unknown = sorted(set(body) - set(ImageGenerateRequest.model_fields))
+    unknown = sorted(set(body) - set(model.model_fields))
     if unknown:
         logger.debug("ignoring unknown request fields: %s", unknown)
     return request
@@ -89,13 +153,27 @@ def parse_generate_request(body: Any) -> ImageGenerateRequest:
 
 def _first_error(exc: ValidationError) -> InvalidRequestError:
     error = exc.errors(include_url=False, include_input=False)[0]
-    param = str(error["loc"][0]) if error["loc"] else None
+    param = _param(error["loc"])
     if error["type"] == "missing":
         return InvalidRequestError(
             f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
         )
     message = error["msg"].removeprefix("Value error, ")
     return InvalidRequestError(f"Invalid value for '{param}': {message}.", param=param)
+
+
+def _param(loc: tuple[int | str, ...]) -> str | None:
+    """`images[0].image_url` for a nested field of a JSON edit; otherwise the top-level field."""
+    if not loc:
+        return None
+    param = str(loc[0])
+    if param in ("images", "mask"):
+        for part in loc[1:]:
+            if isinstance(part, int):
+                param += f"[{part}]"
+            elif part in ImageRef.model_fields:
+                param += f".{part}"
+    return param
 
 
 class ImageData(BaseModel):
@@ -173,6 +251,9 @@ class ModelCard(BaseModel):
     default_output_format: OutputFormat = Field(description="Encoding when none is asked.")
     max_prompt_chars: int = Field(description="Longest accepted prompt.")
     supports_negative_prompt: bool = Field(description="Whether negative_prompt is honoured.")
+    supports_edits: bool = Field(False, description="Whether /v1/images/edits and /variations take this model.")
+    supports_inpainting: bool = Field(False, description="Whether an edit's mask is honoured.")
+    max_input_images: int = Field(0, description="Input images an edit may carry (0: no edits).")
     status: str = Field(description="Serve's deployment status: HEALTHY, UPDATING, UPSCALING, UNHEALTHY...")
     running_replicas: int = Field(description="Replicas serving this model now (polled every 2 s).")
 

@@ -1,0 +1,272 @@
+"""Edits and variations through the real `create_api` in process (no Ray): the official
+OpenAI SDK's multipart bodies and JSON bodies become the right `GenerationJob` (a fake model
+handle records it), and every bad input is a 400 naming its field before any model call."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from serve_app.auth import ApiKeys
+from serve_app.config import AppConfig
+from serve_app.drain import DrainState
+from serve_app.ingress import ImageIngress, create_api
+from serve_app.job import GenerationJob, GenerationResult, ImageResult
+from serve_app.protocol import ImageEditRequest, ImageVariationRequest, parse_request
+from tests.openai_schema import validate
+
+
+class Metrics:
+    def response(self, model: str, status: int) -> None:
+        pass
+
+
+class Ready:
+    async def not_ready_reason(self, model_id: str) -> None:
+        return None
+
+    async def state(self, model_id: str) -> tuple[str, int]:
+        return "HEALTHY", 1
+
+
+class Handle:
+    """A model deployment's handle: records the job, answers with one tiny image per seed."""
+
+    def __init__(self):
+        self.jobs: list[GenerationJob] = []
+        self.generate = self
+
+    def remote(self, job: GenerationJob):
+        self.jobs.append(job)
+
+        async def result() -> GenerationResult:
+            return GenerationResult([ImageResult(seed=s, batch_size=1, b64_json="AA==") for s in job.seeds], 3)
+
+        return result()
+
+
+@pytest.fixture
+def ingress(tmp_path):
+    config = AppConfig.from_args({"models": ["tiny-sd", "tiny-pixart"], "storage": str(tmp_path)},
+                                 env={"ARTSERVE_EDIT_URL_HOSTS": "img.example.com"})
+    ingress = ImageIngress.func_or_class.__new__(ImageIngress.func_or_class)
+    ingress.config, ingress.models = config, config.load_models()
+    ingress.handles = {"tiny-sd": Handle(), "tiny-pixart": Handle()}
+    ingress.keys, ingress.metrics, ingress.idempotency = ApiKeys(["sk-1"]), Metrics(), None
+    ingress.drain, ingress.readiness = DrainState(None), Ready()
+    return ingress
+
+
+def jobs(ingress) -> list[GenerationJob]:
+    return ingress.handles["tiny-sd"].jobs
+
+
+def png(width: int = 300, height: int = 200, mode: str = "RGB") -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, (width, height)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def mask_png(width: int = 300, height: int = 200) -> bytes:
+    return png(width, height, "RGBA")  # all alpha 0: repaint everything
+
+
+def sdk(ingress, call):
+    async def go():
+        transport = httpx.ASGITransport(app=create_api(ingress))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            client = openai.AsyncOpenAI(api_key="sk-1", base_url="http://t/v1", http_client=http, max_retries=0)
+            return await call(client)
+
+    return asyncio.run(go())
+
+
+def post(ingress, **kwargs) -> httpx.Response:
+    async def go():
+        transport = httpx.ASGITransport(app=create_api(ingress))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            path = kwargs.pop("path", "/v1/images/edits")
+            headers = {"authorization": "Bearer sk-1", **kwargs.pop("headers", {})}
+            return await http.post(path, headers=headers, **kwargs)
+
+    return asyncio.run(go())
+
+
+def error(response: httpx.Response, status: int = 400) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"}
+    return body
+
+
+def test_sdk_edit_one_file_with_extensions(ingress):
+    response = sdk(ingress, lambda c: c.images.edit(
+        model="tiny-sd", image=("a.png", png(), "image/png"), prompt="a red door", n=2, size="auto",
+        response_format="b64_json", output_format="png",
+        extra_body={"seed": 7, "strength": 0.4, "num_inference_steps": 3, "guidance_scale": 2.5,
+                    "negative_prompt": "blur", "deterministic": True}))
+    validate(response.model_dump(exclude_none=True), "ImagesResponse")
+    [job] = jobs(ingress)
+    assert (job.width, job.height) == (384, 256)  # 300x200 rounded to tiny-sd's rule
+    assert (job.seeds, job.strength, job.num_inference_steps, job.guidance_scale) == ((7, 8), 0.4, 3, 2.5)
+    assert (job.prompt, job.negative_prompt, job.deterministic) == ("a red door", "blur", True)
+    assert job.mask is None and job.event_prefix == "image_edit"
+    assert job.image_tokens == (384 // 16) * (256 // 16)
+    assert response.usage.input_tokens_details.image_tokens == job.image_tokens
+    assert Image.open(io.BytesIO(job.init_image)).size == (384, 256)
+
+
+def test_sdk_edit_with_mask_uses_the_inpaint_strength(ingress):
+    sdk(ingress, lambda c: c.images.edit(model="tiny-sd", image=png(), mask=mask_png(), prompt="x", size="512x512"))
+    [job] = jobs(ingress)
+    assert (job.width, job.height, job.strength) == (512, 512, 1.0)
+    mask = Image.open(io.BytesIO(job.mask))
+    assert (mask.mode, mask.size, mask.getextrema()) == ("L", (512, 512), (255, 255))
+
+
+def test_sdk_raw_bytes_and_default_strength(ingress):
+    sdk(ingress, lambda c: c.images.edit(model="tiny-sd", image=png(256, 256), prompt="x"))
+    [job] = jobs(ingress)
+    assert (job.width, job.height, job.strength) == (256, 256, 0.6)
+
+
+def test_sdk_two_images_on_a_one_image_model_is_400_image(ingress):
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk(ingress, lambda c: c.images.edit(model="tiny-sd", image=[png(), png()], prompt="x"))
+    assert caught.value.body["param"] == "image"
+    assert jobs(ingress) == []
+
+
+def test_sdk_variation(ingress):
+    response = sdk(ingress, lambda c: c.images.create_variation(model="tiny-sd", image=png(), n=2,
+                                                                 response_format="b64_json", extra_body={"seed": 3}))
+    validate(response.model_dump(exclude_none=True), "ImagesResponse")
+    [job] = jobs(ingress)
+    assert (job.prompt, job.strength, job.seeds, job.event_prefix) == ("", 0.75, (3, 4), "image_generation")
+
+
+def test_variation_ignores_a_prompt_and_refuses_several_images(ingress):
+    post(ingress, path="/v1/images/variations", data={"model": "tiny-sd", "prompt": "ignored"},
+         files={"image": ("a", png())})
+    assert jobs(ingress)[0].prompt == ""
+    response = post(ingress, path="/v1/images/variations", data={"model": "tiny-sd"},
+                    files=[("image[]", ("a", png())), ("image[]", ("b", png()))])
+    assert error(response)["param"] == "image"
+    assert error(post(ingress, path="/v1/images/variations", json={"model": "tiny-sd"}))["param"] is None
+
+
+def test_stream_edit_is_image_edit_events(ingress):
+    # The stream itself needs a replica; here: the job is marked for image_edit events.
+    job = parse_request(ImageEditRequest, {"model": "m", "prompt": "x", "stream": "true", "partial_images": "2"},
+                        from_form=True)
+    assert (job.stream, job.partial_images) == (True, 2)
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def test_json_edit_with_data_urls(ingress):
+    body = {"model": "tiny-sd", "prompt": "x", "images": [{"image_url": data_url(png())}],
+            "mask": {"image_url": data_url(mask_png())}, "n": 1, "response_format": "b64_json"}
+    response = post(ingress, json=body)
+    assert response.status_code == 200, response.text
+    validate(response.json(), "ImagesResponse")
+    [job] = jobs(ingress)
+    assert job.mask is not None and (job.width, job.height) == (384, 256)
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"images": [{"file_id": "file-1"}]}, "images[0].file_id"),
+    ({"images": [{"image_url": "https://evil.example.com/a.png"}]}, "images[0].image_url"),
+    ({"images": [{"image_url": "http://169.254.169.254/"}]}, "images[0].image_url"),
+    ({"images": [{}]}, "images[0]"),
+    ({"images": []}, "images"),
+    ({"images": "x"}, "images"),
+    ({"images": [{"image_url": 5}]}, "images[0].image_url"),
+    ({"images": [{"image_url": data_url(png())}], "mask": {"file_id": "f"}}, "mask.file_id"),
+    ({"images": [{"image_url": data_url(png())}], "mask": "x"}, "mask"),
+    ({"images": [{"image_url": data_url(b"not an image")}]}, "images[0].image_url"),
+    ({"images": [{"image_url": data_url(png())}] * 2}, "images"),
+    ({"images": [{"image_url": data_url(png())}] * 17}, "images"),
+    ({"images": [{"image_url": data_url(png())}], "strength": 0}, "strength"),
+    ({"images": [{"image_url": data_url(png())}], "n": "2"}, "n"),
+])
+def test_json_edit_errors(ingress, body, param):
+    assert error(post(ingress, json={"model": "tiny-sd", "prompt": "x", **body}))["param"] == param
+    assert jobs(ingress) == []
+
+
+PNG = png()
+
+
+@pytest.mark.parametrize(("data", "files", "param"), [
+    ({"prompt": "x"}, [], "image"),
+    ({"prompt": "x", "image": "text"}, [], "image"),
+    ({"prompt": "x", "n": "two"}, [("image", ("a", PNG))], "n"),
+    ({"prompt": "x", "n": "11"}, [("image", ("a", PNG))], "n"),
+    ({"prompt": "x", "stream": "maybe"}, [("image", ("a", PNG))], "stream"),
+    ({"prompt": "x", "strength": "1.5"}, [("image", ("a", PNG))], "strength"),
+    ({"prompt": "x", "strength": "nan"}, [("image", ("a", PNG))], "strength"),
+    ({"prompt": "x", "size": "100x100"}, [("image", ("a", PNG))], "size"),
+    ({"prompt": ""}, [("image", ("a", PNG))], "prompt"),
+    ({}, [("image", ("a", PNG))], "prompt"),
+    ({"prompt": "x"}, [("image", ("a", PNG)), ("prompt", ("p", b"x"))], "prompt"),
+    ({"prompt": "x"}, [("image", ("a.png", b"GIF89a", "image/png"))], "image"),
+    ({"prompt": "x"}, [("image", ("a", PNG)), ("mask", ("m", png(10, 10, "RGBA")))], "mask"),
+    ({"prompt": "x"}, [("image", ("a", PNG)), ("mask", ("m", png()))], "mask"),
+    ({"prompt": "x"}, [("image", ("a", PNG)), ("mask", ("m", PNG)), ("mask", ("m", PNG))], "mask"),
+    ({"prompt": "x"}, [("image[]", ("a", PNG))] * 17, "image"),
+    ({"prompt": "x"}, [("image[]", ("a", PNG))] * 18, "image"),
+])
+def test_form_errors(ingress, data, files, param):
+    response = post(ingress, data={"model": "tiny-sd", **data}, files=files or {"x": ("x", b"")})
+    assert error(response)["param"] == param
+    assert jobs(ingress) == []
+
+
+def test_unknown_model_and_a_model_that_does_not_edit(ingress):
+    files = {"image": ("a", PNG)}
+    assert error(post(ingress, data={"model": "nope", "prompt": "x"}, files=files), 404)["param"] == "model"
+    assert error(post(ingress, data={"model": "tiny-pixart", "prompt": "x"}, files=files))["param"] == "model"
+
+
+def test_malformed_bodies_are_400(ingress):
+    headers = {"content-type": "multipart/form-data; boundary=xyz"}
+    assert error(post(ingress, content=b"--xyz\r\nbroken", headers=headers))["param"] == "model"  # truncated: empty
+    assert error(post(ingress, content=b"--xyz\r\n\r\nno disposition\r\n--xyz--\r\n", headers=headers))["code"] \
+        == "invalid_form"
+    assert error(post(ingress, content=b"x", headers={"content-type": "multipart/form-data"}))["code"] \
+        == "invalid_form"
+    assert error(post(ingress, content=b"{not json"))["code"] == "invalid_json"
+    assert error(post(ingress, content=b"[]", headers={"content-type": "application/json"}))["param"] is None
+
+
+def test_models_say_whether_they_edit(ingress):
+    async def go():
+        transport = httpx.ASGITransport(app=create_api(ingress))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            return [(await http.get(f"/v1/models/{m}", headers={"authorization": "Bearer sk-1"})).json()
+                    for m in ("tiny-sd", "tiny-pixart")]
+
+    sd, pixart = asyncio.run(go())
+    assert (sd["supports_edits"], sd["supports_inpainting"], sd["max_input_images"]) == (True, True, 1)
+    assert (pixart["supports_edits"], pixart["max_input_images"]) == (False, 0)
+
+
+def test_fingerprint_covers_fields_and_file_bytes(ingress):
+    from serve_app.edits import _from_form
+
+    def digest(fields, images):
+        request = parse_request(ImageVariationRequest, {"model": "tiny-sd", **fields}, from_form=True)
+        return _from_form(request, {"model": "tiny-sd", **fields}, images, None).fingerprint
+
+    assert digest({"n": "2"}, [b"a"]) == digest({"n": "2"}, [b"a"])
+    assert digest({"n": "2"}, [b"a"]) != digest({"n": "2"}, [b"b"])
+    assert digest({"n": "2"}, [b"a"]) != digest({"n": "3"}, [b"a"])
