@@ -1,11 +1,9 @@
 """`POST /v1/images/edits` and `/v1/images/variations` against the real `serve run`
 (conftest's `server`), through the official Python and Node SDKs and raw HTTP: what each
 route accepts, sizes and formats of what comes back, reproducibility, OpenAI's schemas as
-published, and every refusal as a 400/413 naming its field with nothing stored.
-
-Only the last test asserts image-to-image/inpainting *semantics* (marked
-`needs_engine_edits`): it needs the engine side of edits (the runners' img2img and
-inpainting); the HTTP side tested here does not."""
+published, and every refusal as a 400/413 naming its field with nothing stored; the last
+test, inpainting's semantics through the whole service (the runners' parity with diffusers
+is tests/unit/test_edit_runners.py)."""
 
 from __future__ import annotations
 
@@ -237,7 +235,6 @@ def test_node_sdk_edits(server):
     assert two == {"status": 400, "param": "image"}
 
 
-@pytest.mark.needs_engine_edits
 def test_inpainting_keeps_the_unmasked_half_and_repaints_the_masked_half(client):
     """Semantics (engine side): with a mask, what the output shows in the kept (opaque) half
     comes from the input, not the seed; the repainted (transparent) half comes from the seed.
