@@ -220,7 +220,8 @@ class ImageIngress:
                                        max_pixels=max_pixels)
         variation = isinstance(request, ImageVariationRequest)
         job = replace(job, init_image=edit.init_image, mask=edit.mask, image_tokens=edit.image_tokens,
-                      strength=edit_strength(request, model, mask=mask is not None),
+                      strength=edit_strength(request, model, mask=mask is not None,
+                                                    steps=job.num_inference_steps),
                       event_prefix="image_generation" if variation else "image_edit")
         logger.info(
             "request %s: %s model=%s n=%d input=%dx%d size=%dx%d steps=%d strength=%s mask=%s user=%s",

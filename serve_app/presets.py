@@ -47,14 +47,22 @@ def check_edit(model: ModelConfig, *, images: int, mask: bool, image_param: str 
         raise InvalidRequestError(f"Model '{model.id}' does not take a mask (no inpainting).", param="mask")
 
 
-def edit_strength(request: ImageRequest, model: ModelConfig, *, mask: bool) -> float:
-    """The request's `strength` extension, or the model's default for this kind of edit."""
+def edit_strength(request: ImageRequest, model: ModelConfig, *, mask: bool, steps: int) -> float:
+    """The request's `strength` extension, or the model's default for this kind of edit; an
+    edit must run at least one of its `steps` (diffusers runs about steps x strength of them)."""
     strength = getattr(request, "strength", None)
-    if strength is not None:
-        return strength
-    if isinstance(request, ImageVariationRequest):
-        return model.edits.variation_strength
-    return model.edits.inpaint_strength if mask else model.edits.default_strength
+    if strength is None:
+        if isinstance(request, ImageVariationRequest):
+            strength = model.edits.variation_strength
+        else:
+            strength = model.edits.inpaint_strength if mask else model.edits.default_strength
+    if steps * strength < 1:
+        raise InvalidRequestError(
+            f"num_inference_steps x strength must be at least 1 (here {steps} x {strength:g}): "
+            "the edit would run no denoising step.",
+            param="strength" if getattr(request, "strength", None) is not None else "num_inference_steps",
+        )
+    return strength
 
 
 def resolve_job(

@@ -1,23 +1,29 @@
-"""Fuzzing the real app with schemathesis, driven by OpenAI's published request schema
-(`CreateImageRequest`, ../shared/schemas/openai/images-schemas.json) with `model` pinned to a
-served tiny model. Examples, boundary (coverage) and random phases, positive and negative
-modes. Checks on every case: never a 5xx; every error is in the OpenAI envelope with one of
+"""Fuzzing the real app with schemathesis, driven by OpenAI's published request schemas
+(../shared/schemas/openai/images-schemas.json: `CreateImageRequest`; `CreateImageEditRequest`
+as multipart and `EditImageBodyJsonParam` as JSON on /v1/images/edits;
+`CreateImageVariationRequest`) with `model` pinned to a served tiny model. Examples, boundary
+(coverage) and random phases, positive and negative modes. Checks on every case: never a 5xx;
+every error is in the OpenAI envelope with one of
 the documented statuses and `x-should-retry`.
 
 Keeping it cheap: a schema-valid body would make a real generation (up to n=10 images of
 1792x1024 at 50 steps). Before sending, each dict body gets `num_inference_steps: 1`, `n` is
 capped at 2 when it is in range, and a size the model accepts becomes 256x256; invalid
-values are left as generated, so the 400 paths see exactly what the fuzzer made."""
+values are left as generated, so the 400 paths see exactly what the fuzzer made. For edits,
+half of the generated `image` files (by the parity of their length) become a real 64x64 PNG,
+so valid edits run too."""
 
 from __future__ import annotations
 
 import copy
+import io
 import json
 from pathlib import Path
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from PIL import Image
 
 from serve_app.config import load_model_config, parse_size
 from tests.integration.conftest import API_KEY
@@ -29,37 +35,61 @@ SIZES = load_model_config(ROOT / "models" / f"{MODEL}.yaml").sizes
 # 405: the coverage phase also tries other HTTP methods on the route. 5xx is never acceptable.
 DOCUMENTED = {400, 401, 404, 405, 409, 413, 429}
 MIN_CASES = 1000
+MIN_EDIT_CASES = 500
 sent: list[int] = []
+sent_edits: list[int] = []
 
 
-def openai_document() -> dict:
+def openai_document(paths: dict[str, dict[str, str]]) -> dict:
+    """An OpenAPI document of `paths` ({route: {media type: request schema}}) over the published
+    components, each request schema's `model` pinned to MODEL."""
     published = json.loads(SCHEMA_FILE.read_text())
     components = copy.deepcopy(published["components"])
-    components["schemas"]["CreateImageRequest"]["properties"]["model"] = {"type": "string", "enum": [MODEL]}
+    for content in paths.values():
+        for name in content.values():
+            components["schemas"][name]["properties"]["model"] = {"type": "string", "enum": [MODEL]}
     return {
         "openapi": "3.0.3",  # the published schemas use 3.0's `nullable`
-        "info": {"title": "OpenAI Images (generations)", "version": "published"},
-        "paths": {"/v1/images/generations": {"post": {
+        "info": {"title": "OpenAI Images", "version": "published"},
+        "paths": {route: {"post": {
             "requestBody": {"required": True, "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/CreateImageRequest"}}}},
+                media: {"schema": {"$ref": f"#/components/schemas/{name}"}} for media, name in content.items()}},
             "responses": {"200": {"description": "images"}},
-        }}},
+        }} for route, content in paths.items()},
         "components": components,
     }
 
 
-schema = schemathesis.openapi.from_dict(openai_document())
-schema.config.phases.update(phases=["examples", "coverage", "fuzzing"])
-schema.config.generation.update(
-    modes=[schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE],
-    max_examples=1000, deterministic=False, no_shrink=False,
-)
+def fuzz_schema(paths: dict[str, dict[str, str]], max_examples: int):
+    loaded = schemathesis.openapi.from_dict(openai_document(paths))
+    loaded.config.phases.update(phases=["examples", "coverage", "fuzzing"])
+    loaded.config.generation.update(
+        modes=[schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE],
+        max_examples=max_examples, deterministic=False, no_shrink=False,
+    )
+    return loaded
 
 
-def cheap(body):
+schema = fuzz_schema({"/v1/images/generations": {"application/json": "CreateImageRequest"}}, 1000)
+edit_schema = fuzz_schema({
+    "/v1/images/edits": {"multipart/form-data": "CreateImageEditRequest", "application/json": "EditImageBodyJsonParam"},
+    "/v1/images/variations": {"multipart/form-data": "CreateImageVariationRequest"},
+}, 200)
+
+
+def _png() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 120, 40)).save(out, format="PNG")
+    return out.getvalue()
+
+
+PNG = _png()
+
+
+def cheap(body, steps: int = 1):
     if not isinstance(body, dict):
         return body
-    body = {**body, "num_inference_steps": 1}
+    body = {**body, "num_inference_steps": steps}
     n = body.get("n")
     if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 10:
         body["n"] = min(n, 2)
@@ -70,6 +100,14 @@ def cheap(body):
     return body
 
 
+def real_image(body):
+    image = body.get("image") if isinstance(body, dict) else None
+    data = getattr(image, "data", image)  # schemathesis wraps generated files in `Binary`
+    if isinstance(data, bytes) and len(data) % 2 == 0:
+        return {**body, "image": PNG}
+    return body
+
+
 @schema.parametrize()
 @settings(deadline=None, suppress_health_check=list(HealthCheck))
 def test_openai_schema_fuzz(case, server):
@@ -77,6 +115,20 @@ def test_openai_schema_fuzz(case, server):
         case.body = cheap(case.body)
     response = case.call(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
     sent.append(response.status_code)
+    check(case, response)
+
+
+@edit_schema.parametrize()
+@settings(deadline=None, suppress_health_check=list(HealthCheck))
+def test_openai_edit_schema_fuzz(case, server):
+    if isinstance(case.body, dict):
+        case.body = real_image(cheap(case.body, steps=2))  # 2 x the edit strengths runs a step
+    response = case.call(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
+    sent_edits.append(response.status_code)
+    check(case, response)
+
+
+def check(case, response) -> None:
     assert response.status_code < 500, (case.body, response.text[:500])
     if response.status_code >= 400:
         assert response.status_code in DOCUMENTED, (case.body, response.status_code, response.text[:500])
@@ -87,7 +139,7 @@ def test_openai_schema_fuzz(case, server):
         assert "Traceback" not in response.text and "/work/" not in response.text
     elif response.headers["content-type"][0].startswith("text/event-stream"):  # stream: true
         events = [line for line in response.text.splitlines() if line.startswith("event: ")]
-        assert events and events[-1] == "event: image_generation.completed", (case.body, response.text[-500:])
+        assert events and events[-1].endswith(".completed"), (case.body, response.text[-500:])
     else:
         assert response.status_code == 200
         assert len(response.json()["data"]) >= 1
@@ -101,3 +153,7 @@ def test_fuzzing_ran_enough_cases():
     print(f"fuzz: {len(sent)} cases, statuses {statuses}")
     assert len(sent) >= MIN_CASES, statuses
     assert 200 in statuses and 400 in statuses  # both valid and invalid bodies were exercised
+    edits = {s: sent_edits.count(s) for s in sorted(set(sent_edits))}
+    print(f"edit fuzz: {len(sent_edits)} cases, statuses {edits}")
+    assert len(sent_edits) >= MIN_EDIT_CASES, edits
+    assert 200 in edits and 400 in edits

@@ -270,3 +270,17 @@ def test_fingerprint_covers_fields_and_file_bytes(ingress):
     assert digest({"n": "2"}, [b"a"]) == digest({"n": "2"}, [b"a"])
     assert digest({"n": "2"}, [b"a"]) != digest({"n": "2"}, [b"b"])
     assert digest({"n": "2"}, [b"a"]) != digest({"n": "3"}, [b"a"])
+
+
+@pytest.mark.parametrize(("route", "extra", "param"), [
+    ("edit", {"strength": 0.2, "num_inference_steps": 4}, "strength"),
+    ("edit", {"num_inference_steps": 1}, "num_inference_steps"),  # x the default 0.6
+    ("variation", {"num_inference_steps": 1}, "num_inference_steps"),  # x the variation strength 0.75
+])
+def test_an_edit_that_would_run_no_denoising_step_is_400(ingress, route, extra, param):
+    """Found by fuzzing: a variation at 1 step ran no step and failed in the replica (500)."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk(ingress, lambda c: c.images.edit(model="tiny-sd", image=png(256, 256), prompt="x", extra_body=extra)
+            if route == "edit" else c.images.create_variation(model="tiny-sd", image=png(256, 256), extra_body=extra))
+    assert caught.value.body["param"] == param
+    assert jobs(ingress) == []
