@@ -346,6 +346,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["tiny-flux", "tiny-sd3"])
     parser.add_argument("--duration-s", type=float, default=45)
     args = parser.parse_args()
+    # A plain `kill` must still stop the `serve run` below (its own session): unwind through finally.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         process, base = start_server(work)

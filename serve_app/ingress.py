@@ -211,7 +211,9 @@ class ImageIngress:
         the images: headers (pixel bound), then the decode, off the event loop."""
         request, model = body.request, self._model(body.request.model)
         check_edit(model, images=body.image_count, mask=body.has_mask, image_param=body.image_param)
-        resolve_job(request, model, request_id=request_id, base_url=base_url)  # scalar fields: a 400 before fetching
+        # The scalar fields, and a strength that runs at least one step: a 400 before fetching.
+        steps = resolve_job(request, model, request_id=request_id, base_url=base_url).num_inference_steps
+        strength = edit_strength(request, model, mask=body.has_mask, steps=steps)
         images, mask = await body.load()
         max_pixels = model.sizes.max_input_pixels()
         size = await asyncio.to_thread(uploads.input_size, images, max_pixels)
@@ -220,9 +222,7 @@ class ImageIngress:
                                        max_pixels=max_pixels)
         variation = isinstance(request, ImageVariationRequest)
         job = replace(job, init_image=edit.init_image, mask=edit.mask, image_tokens=edit.image_tokens,
-                      strength=edit_strength(request, model, mask=mask is not None,
-                                                    steps=job.num_inference_steps),
-                      event_prefix="image_generation" if variation else "image_edit")
+                      strength=strength, event_prefix="image_generation" if variation else "image_edit")
         logger.info(
             "request %s: %s model=%s n=%d input=%dx%d size=%dx%d steps=%d strength=%s mask=%s user=%s",
             request_id, "variation" if variation else "edit", model.id, job.n, *size, job.width, job.height,
