@@ -83,18 +83,24 @@ class SizeRules(Strict):
         return max([*areas, self.max_pixels if self.multiple_of else 0])
 
     def nearest(self, width: int, height: int) -> tuple[int, int]:
-        """An accepted size close to WxH (an edit's `size: auto`): WxH itself rounded to the
-        multiple-of rule when that fits, otherwise the listed size nearest in shape, then area."""
+        """An accepted size close to WxH (an edit's `size: auto`): WxH scaled into the
+        multiple-of rule (pixel and side bounds) when the model has one, otherwise the listed
+        size nearest in shape, then area. Arithmetic only: any input shape costs the same."""
         if self.multiple_of:
             m = self.multiple_of
+            low, high = math.ceil(self.min_side / m) * m, self.max_side // m * m
             scale = min(1.0, (self.max_pixels / (width * height)) ** 0.5, self.max_side / max(width, height))
             scale = max(scale, self.min_side / min(width, height))
-            w, h = (max(m, round(side * scale / m) * m) for side in (width, height))
-            while w * h > self.max_pixels and max(w, h) > m:
-                w, h = (w - m, h) if w >= h else (w, h - m)
+            w, h = (min(high, max(low, round(side * scale / m) * m)) for side in (width, height))
+            if w * h > self.max_pixels:  # the short side was raised to min_side: trim the long one
+                short = min(w, h)
+                long = max(low, self.max_pixels // short // m * m)
+                w, h = (long, short) if w >= h else (short, long)
             if self.accepts(w, h):
                 return w, h
         sizes = [parse_size(size) for size in self.allowed]
+        if not sizes:  # a rule that nothing satisfies near this shape: its smallest square
+            return low, low
         return min(sizes, key=lambda s: (abs(math.log(s[0] * height / (s[1] * width))),  # type: ignore[index]
                                          abs(s[0] * s[1] - width * height)))  # type: ignore[index]
 

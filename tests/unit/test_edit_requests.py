@@ -284,3 +284,11 @@ def test_an_edit_that_would_run_no_denoising_step_is_400(ingress, route, extra, 
             if route == "edit" else c.images.create_variation(model="tiny-sd", image=png(256, 256), extra_body=extra))
     assert caught.value.body["param"] == param
     assert jobs(ingress) == []
+
+
+def test_an_empty_mask_file_is_400_mask(ingress):
+    """Found in review: an empty mask part broke the body's fingerprint (a 500)."""
+    response = post(ingress, data={"model": "tiny-sd", "prompt": "x"},
+                    files={"image": ("a.png", png()), "mask": ("m.png", b"")})
+    assert error(response)["param"] == "mask"
+    assert jobs(ingress) == []

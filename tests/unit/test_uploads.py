@@ -153,6 +153,11 @@ RULE = SizeRules(allowed=["256x256", "512x512", "1024x1024"], multiple_of=64, mi
     ((1000, 1000), (1024, 1024)),
     ((4000, 3000), (1536, 1152)),  # scaled down to the pixel bound, aspect kept
     ((640, 480), (640, 512)),
+    # Thin inputs keep the rule's sides instead of falling back to a listed square (and take
+    # no time: the review found 1x1835008 took 1.5 s in a shrinking loop on the event loop).
+    ((1, 1835008), (256, 1792)),
+    ((300, 5000), (256, 1792)),
+    ((5000, 300), (1792, 256)),
 ])
 def test_auto_size_rounds_the_input_to_the_models_rule(size, expected):
     width, height = RULE.nearest(*size)
