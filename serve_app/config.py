@@ -274,6 +274,9 @@ class ModelConfig(Strict):
             raise ValueError("style presets must define exactly vivid and natural")
         if self.family == "generic" and self.edits.enabled:
             raise ValueError("edits: generic pipelines are text-to-image only (edits.enabled: false)")
+        if self.batching.mode == "call" and self.edits.enabled:
+            raise ValueError("edits need the step engine: batching.mode call runs whole pipeline calls "
+                             "(set edits.enabled: false, or batching.mode: step)")
         check_deployment_options(self.deployment)
         return self
 

@@ -87,7 +87,8 @@ def _from_form(request: ImageEditRequest | ImageVariationRequest, fields: dict[s
     named = [Upload("image" if len(images) == 1 else f"image[{i}]", data) for i, data in enumerate(images)]
     uploads.check_count(named)
     mask_upload = Upload("mask", mask) if mask is not None else None
-    digest = fingerprint({**fields, "image": [_sha(d) for d in images], "mask": _sha(mask) if mask is not None else None})
+    digest = fingerprint({**fields, "image": [_sha(d) for d in images],
+                          "mask": _sha(mask) if mask is not None else None})
 
     async def load() -> tuple[list[Upload], Upload | None]:
         return named, mask_upload

@@ -41,7 +41,7 @@ from serve_app.limits import BodyLimitMiddleware, decode_json_body
 from serve_app.metrics import IngressMetrics
 from serve_app.openapi import EDITS_DOC, GENERATIONS_DOC, MODEL_DOC, MODELS_DOC, VARIATIONS_DOC, install_openapi
 from serve_app.playground import mount_playground
-from serve_app.presets import check_edit, edit_strength, resolve_job
+from serve_app.presets import check_edit, edit_schedule, resolve_job
 from serve_app.protocol import ImageVariationRequest, ModelCard, ModelList, parse_generate_request
 from serve_app.readiness import ModelReadiness
 from serve_app.responses import images_response, relay
@@ -213,7 +213,7 @@ class ImageIngress:
         check_edit(model, images=body.image_count, mask=body.has_mask, image_param=body.image_param)
         # The scalar fields, and a strength that runs at least one step: a 400 before fetching.
         steps = resolve_job(request, model, request_id=request_id, base_url=base_url).num_inference_steps
-        strength = edit_strength(request, model, mask=body.has_mask, steps=steps)
+        steps, strength = edit_schedule(request, model, mask=body.has_mask, steps=steps)
         images, mask = await body.load()
         max_pixels = model.sizes.max_input_pixels()
         size = await asyncio.to_thread(uploads.input_size, images, max_pixels)
@@ -222,7 +222,8 @@ class ImageIngress:
                                        max_pixels=max_pixels)
         variation = isinstance(request, ImageVariationRequest)
         job = replace(job, init_image=edit.init_image, mask=edit.mask, image_tokens=edit.image_tokens,
-                      strength=strength, event_prefix="image_generation" if variation else "image_edit")
+                      num_inference_steps=steps, strength=strength,
+                      event_prefix="image_generation" if variation else "image_edit")
         logger.info(
             "request %s: %s model=%s n=%d input=%dx%d size=%dx%d steps=%d strength=%s mask=%s user=%s",
             request_id, "variation" if variation else "edit", model.id, job.n, *size, job.width, job.height,

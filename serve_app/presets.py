@@ -4,6 +4,7 @@ work, so every client mistake is a 400 here."""
 
 from __future__ import annotations
 
+import math
 import secrets
 
 from serve_app.config import ModelConfig, StylePreset, parse_size
@@ -47,22 +48,26 @@ def check_edit(model: ModelConfig, *, images: int, mask: bool, image_param: str 
         raise InvalidRequestError(f"Model '{model.id}' does not take a mask (no inpainting).", param="mask")
 
 
-def edit_strength(request: ImageRequest, model: ModelConfig, *, mask: bool, steps: int) -> float:
-    """The request's `strength` extension, or the model's default for this kind of edit; an
-    edit must run at least one of its `steps` (diffusers runs about steps x strength of them)."""
+def edit_schedule(request: ImageRequest, model: ModelConfig, *, mask: bool, steps: int) -> tuple[int, float]:
+    """An edit's (steps, strength): the request's `strength` extension, or the model's default
+    for this kind of edit. An edit runs about steps x strength denoising steps and must run at
+    least one: the preset's steps are raised to make it so (a 1-step turbo preset at strength
+    0.5 runs 2 x 0.5); steps the request chose itself are not, and give a 400."""
     strength = getattr(request, "strength", None)
     if strength is None:
         if isinstance(request, ImageVariationRequest):
             strength = model.edits.variation_strength
         else:
             strength = model.edits.inpaint_strength if mask else model.edits.default_strength
+    if steps * strength < 1 and getattr(request, "num_inference_steps", None) is None:
+        steps = min(math.ceil(1 / strength - 1e-9), model.limits.max_inference_steps)
     if steps * strength < 1:
         raise InvalidRequestError(
             f"num_inference_steps x strength must be at least 1 (here {steps} x {strength:g}): "
             "the edit would run no denoising step.",
             param="strength" if getattr(request, "strength", None) is not None else "num_inference_steps",
         )
-    return strength
+    return steps, strength
 
 
 def resolve_job(

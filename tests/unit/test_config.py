@@ -49,6 +49,8 @@ def test_typo_in_a_key_names_the_file_and_key(tmp_path, tiny_sd):
         (lambda d: d["deployment"].update(autoscaling_config={"min_replicas": 3, "max_replicas": 1}), "invalid Serve"),
         (lambda d: d["deployment"].update(max_ongoing_requests=0), "invalid Serve"),
         (lambda d: d.pop("source"), "source"),
+        (lambda d: d.update(family="generic"), "generic pipelines are text-to-image only"),
+        (lambda d: d["batching"].update(mode="call"), "edits need the step engine"),
     ],
 )
 def test_inconsistent_model_configs_fail_clearly(tmp_path, tiny_sd, change, message):

@@ -292,3 +292,24 @@ def test_an_empty_mask_file_is_400_mask(ingress):
                     files={"image": ("a.png", png()), "mask": ("m.png", b"")})
     assert error(response)["param"] == "mask"
     assert jobs(ingress) == []
+
+
+def test_a_one_step_preset_is_raised_until_the_edit_runs_a_step():
+    """Found in review: sdxl-turbo's 1-step presets at strength 0.5/0.6 ran no step, so every
+    default edit or variation was a 400. Preset steps are raised; the request's own are not."""
+    from pathlib import Path
+
+    from serve_app.config import load_model_config
+    from serve_app.presets import edit_schedule
+
+    turbo = load_model_config(Path(__file__).resolve().parents[2] / "models" / "sdxl-turbo.yaml")
+    variation = parse_request(ImageVariationRequest, {"model": "sdxl-turbo"}, from_form=True)
+    assert edit_schedule(variation, turbo, mask=False, steps=1) == (2, 0.6)
+    edit = parse_request(ImageEditRequest, {"model": "sdxl-turbo", "prompt": "x"}, from_form=True)
+    assert edit_schedule(edit, turbo, mask=False, steps=1) == (2, 0.5)
+    assert edit_schedule(edit, turbo, mask=True, steps=1) == (1, 1.0)
+    explicit = parse_request(ImageEditRequest, {"model": "sdxl-turbo", "prompt": "x", "num_inference_steps": "1"},
+                             from_form=True)
+    with pytest.raises(Exception, match="at least 1") as caught:
+        edit_schedule(explicit, turbo, mask=False, steps=1)
+    assert caught.value.param == "num_inference_steps"

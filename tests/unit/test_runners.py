@@ -132,7 +132,8 @@ def test_generic_pipelines_and_call_mode_use_whole_calls():
 
     assert isinstance(make_runner(DiffusersEngine(load_model_config(MODELS / "tiny-pixart.yaml"))), WholeCallRunner)
     config = load_model_config(MODELS / "tiny-flux.yaml")
-    config = config.model_copy(update={"batching": config.batching.model_copy(update={"mode": "call"})})
+    config = config.model_copy(update={"batching": config.batching.model_copy(update={"mode": "call"}),
+                                       "edits": config.edits.model_copy(update={"enabled": False})})
     assert isinstance(make_runner(DiffusersEngine(config)), WholeCallRunner)
 
 
