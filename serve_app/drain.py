@@ -58,7 +58,7 @@ class DrainState:
         report = self.directory / f"ingress-{os.getpid()}"
         while True:
             if self.draining():
-                partial = report.with_suffix(".part")
+                partial = self.directory / f".{report.name}.part"  # not matched by the launcher's glob
                 partial.write_text(str(self.in_flight))
                 partial.replace(report)
             await asyncio.sleep(CHECK_EVERY_S)
@@ -89,7 +89,7 @@ class DrainMiddleware:
 
 
 def clear(directory: Path) -> None:
-    for stale in [directory / FLAG, *directory.glob("ingress-*")]:
+    for stale in [directory / FLAG, *directory.glob("ingress-*"), *directory.glob(".ingress-*.part")]:
         stale.unlink(missing_ok=True)
 
 

@@ -8,6 +8,7 @@ against the model's largest size before anything is decoded, so a small file tha
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -16,6 +17,7 @@ import warnings
 from dataclasses import dataclass
 
 import httpx
+import numpy as np
 from PIL import Image, ImageOps
 
 from serve_app.errors import InvalidRequestError
@@ -103,9 +105,23 @@ def decode(upload: Upload, image: Image.Image) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image.load()
+            if image.mode.startswith("I;16") or image.mode == "I":  # 16-bit gray: scale, never clip
+                image = _eight_bit(image)
             return ImageOps.exif_transpose(image) if image.format == "JPEG" else image
     except (Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError):
         raise _unreadable(upload) from None
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit grayscale PNG as 8-bit L (PIL's own conversion clips at 255 instead of
+    scaling), its transparency (a tRNS gray value) kept as an alpha channel."""
+    values = np.asarray(image, dtype=np.uint32)
+    gray = Image.fromarray((values // 257).astype(np.uint8), "L")
+    transparent = image.info.get("transparency")
+    if transparent is None:
+        return gray
+    alpha = Image.fromarray(np.where(values == transparent, 0, 255).astype(np.uint8), "L")
+    return Image.merge("LA", (gray, alpha))
 
 
 def _unreadable(upload: Upload) -> InvalidRequestError:
@@ -188,14 +204,18 @@ def allowed_host(url: str, hosts: list[str]) -> bool:
 
 async def fetch_url(url: str, param: str, hosts: list[str], *, transport: httpx.AsyncBaseTransport | None = None,
                     timeout_s: float = FETCH_TIMEOUT_S) -> bytes:
-    """GET an allow-listed image URL: no redirects, at most MAX_IMAGE_BYTES, `timeout_s`."""
+    """GET an allow-listed image URL: no redirects, no proxy or .netrc from the environment, at
+    most MAX_IMAGE_BYTES, `timeout_s` for the whole fetch (not per read: a host dripping bytes
+    cannot hold the request)."""
     if not allowed_host(url, hosts):
         raise InvalidRequestError(
             f"'{param}': only data: URLs, or http(s) URLs on this server's allow-list, are accepted.", param=param
         )
     try:
         async with (
-            httpx.AsyncClient(transport=transport, follow_redirects=False, timeout=timeout_s) as client,
+            asyncio.timeout(timeout_s),
+            httpx.AsyncClient(transport=transport, follow_redirects=False, timeout=timeout_s,
+                              trust_env=False) as client,
             client.stream("GET", url) as response,
         ):
             if response.status_code != 200:  # a redirect too: it is not followed
@@ -210,7 +230,7 @@ async def fetch_url(url: str, param: str, hosts: list[str], *, transport: httpx.
                         f"'{param}' is larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MB.", param=param
                     )
             return bytes(data)
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, TimeoutError) as exc:
         raise InvalidRequestError(f"'{param}': the image could not be fetched ({type(exc).__name__}).",
                                   param=param) from None
 

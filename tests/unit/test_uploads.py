@@ -8,9 +8,11 @@ import asyncio
 import base64
 import io
 import struct
+import time
 import zlib
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -242,3 +244,35 @@ def test_jpeg_exif_orientation_is_applied_and_auto_size_follows_it():
     assert uploads.input_size([upload], MAX_PIXELS) == (48, 64)
     edit = uploads.prepare([upload], Upload("mask", alpha_mask(48, 64)), width=48, height=64, max_pixels=MAX_PIXELS)
     assert Image.open(io.BytesIO(edit.init_image)).size == (48, 64)
+
+
+def test_fetch_has_one_deadline_for_the_whole_transfer():
+    """Found in review: httpx's timeout is per read, so a host dripping a byte every few
+    seconds could hold an edit for as long as it liked."""
+    class Drip(httpx.AsyncByteStream):
+        async def __aiter__(self):
+            for _ in range(100):
+                await asyncio.sleep(0.05)  # each read well within the per-read timeout
+                yield b"x"
+
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, stream=Drip()))
+    started = time.monotonic()
+    error = error_of(lambda: asyncio.run(uploads.fetch_url("https://h/a", "images[0].image_url", ["h"],
+                                                           transport=transport, timeout_s=0.3)))
+    assert error.param == "images[0].image_url" and "could not be fetched" in str(error)
+    assert time.monotonic() - started < 2
+
+
+def test_sixteen_bit_gray_images_and_masks_are_scaled_not_clipped():
+    """Found in review: PIL clips 16-bit gray to 255 (a white image) and a tRNS mask lost its alpha."""
+    values = np.full((64, 64), 40000, dtype=np.uint16)
+    values[:, :32] = 1000
+    image, masked = io.BytesIO(), io.BytesIO()
+    Image.fromarray(values).save(image, format="PNG")
+    Image.fromarray(values).save(masked, format="PNG", transparency=1000)
+    edit = uploads.prepare([uploads.Upload("image", image.getvalue())], uploads.Upload("mask", masked.getvalue()),
+                           width=64, height=64, max_pixels=64 * 64)
+    init = np.asarray(Image.open(io.BytesIO(edit.init_image)).convert("L"))
+    assert (init[0, 0], init[0, 63]) == (1000 // 257, 40000 // 257)
+    mask = np.asarray(Image.open(io.BytesIO(edit.mask)))
+    assert (mask[:, :32] == 255).all() and (mask[:, 32:] == 0).all()  # transparent = repaint
