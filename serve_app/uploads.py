@@ -166,11 +166,11 @@ def repaint_mask(mask: Upload, size: tuple[int, int], max_pixels: int) -> Image.
     if image.size != size:
         raise InvalidRequestError(
             f"The mask is {image.size[0]}x{image.size[1]}; it must be the image's size, {size[0]}x{size[1]}.",
-            param="mask",
+            param=mask.param,
         )
     if "A" not in image.getbands() and "transparency" not in image.info:
         raise InvalidRequestError("The mask must be a PNG with an alpha channel (alpha 0: the area to edit).",
-                                  param="mask")
+                                  param=mask.param)
     alpha = image.convert("RGBA").getchannel("A")
     return alpha.point(lambda a: 255 if a == 0 else 0)
 

@@ -313,3 +313,12 @@ def test_a_one_step_preset_is_raised_until_the_edit_runs_a_step():
     with pytest.raises(Exception, match="at least 1") as caught:
         edit_schedule(explicit, turbo, mask=False, steps=1)
     assert caught.value.param == "num_inference_steps"
+
+
+def test_json_mask_problems_name_the_mask_image_url(ingress):
+    """Every mask problem of a JSON edit names `mask.image_url` (format and size alike)."""
+    for mask in (mask_png(128, 128), png()):  # another size; no alpha
+        response = post(ingress, json={"model": "tiny-sd", "prompt": "x", "images": [{"image_url": data_url(png())}],
+                                       "mask": {"image_url": data_url(mask)}})
+        assert error(response)["param"] == "mask.image_url", response.text
+    assert jobs(ingress) == []
