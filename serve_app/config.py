@@ -348,10 +348,11 @@ class AppConfig(Strict):
     max_json_body_bytes: int = Field(
         1_000_000, gt=0, description="Largest JSON generations body; larger → 413. Env: ARTSERVE_MAX_JSON_BODY_BYTES."
     )
-    max_upload_body_bytes: int = Field(
-        16 * 50 * 1024 * 1024 + 1024 * 1024,
+    max_upload_body_bytes: int | None = Field(
+        None,
         gt=0,
-        description="Largest edits/variations body (16 images of 50 MB + fields). Env: ARTSERVE_MAX_UPLOAD_BODY_BYTES.",
+        description="Largest edits/variations body. Default: the largest a served model can use (its input images "
+        "and a mask of 50 MB each, as base64, + 1 MB). Env: ARTSERVE_MAX_UPLOAD_BODY_BYTES.",
     )
     idempotency_ttl_s: int = Field(
         86400, gt=0, description="How long an Idempotency-Key's response is replayed. Env: ARTSERVE_IDEMPOTENCY_TTL_S."

@@ -292,9 +292,10 @@ def _idempotency_key(request: Request) -> str | None:
 def create_api(ingress: ImageIngress) -> FastAPI:
     api = FastAPI(title="ArtServe", version="0.1.0", docs_url=None, redoc_url=None)
     config = ingress.config
+    upload_limit = config.max_upload_body_bytes or uploads.edit_body_limit(
+        max((m.edits.max_input_images for m in ingress.models.values() if m.edits.enabled), default=1))
     limits = {"/v1/images/generations": config.max_json_body_bytes,
-              "/v1/images/edits": config.max_upload_body_bytes,
-              "/v1/images/variations": config.max_upload_body_bytes}
+              "/v1/images/edits": upload_limit, "/v1/images/variations": upload_limit}
 
     def authorize(request: Request) -> None:
         ingress.keys.check(request.headers.get("authorization"))

@@ -24,6 +24,13 @@ from serve_app.errors import InvalidRequestError
 
 MAX_IMAGES = 16
 MAX_IMAGE_BYTES = 50 * 1024 * 1024
+
+
+def edit_body_limit(max_input_images: int) -> int:
+    """The largest edit body that can be valid: the images and a mask at MAX_IMAGE_BYTES each,
+    base64 in a JSON body (4/3 of the bytes), plus 1 MB of fields. A larger body is refused
+    (413) before it is read, instead of after holding it in the ingress's memory."""
+    return (max_input_images + 1) * MAX_IMAGE_BYTES * 4 // 3 + 1024 * 1024
 FETCH_TIMEOUT_S = 10.0
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}  # ours → PIL's
 

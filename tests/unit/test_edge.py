@@ -155,3 +155,15 @@ def test_openapi_document_has_the_request_and_response_models(ingress):
     import schemathesis  # the document must load as OpenAPI for fuzzers
 
     assert schemathesis.openapi.from_dict(document) is not None
+
+
+def test_edit_routes_refuse_bodies_no_served_model_can_use(ingress):
+    """The default edits/variations limit follows the served models: one input image and a
+    mask of 50 MB each, base64 in JSON, + 1 MB of fields (134 MB), not 16 images' worth."""
+    from serve_app import uploads
+
+    limit = uploads.edit_body_limit(1)
+    assert limit == 2 * 50 * 1024 * 1024 * 4 // 3 + 1024 * 1024
+    for path in ("/v1/images/edits", "/v1/images/variations"):
+        response = post(ingress, b"", headers={"content-length": str(limit + 1)}, path=path)
+        assert str(limit) in assert_envelope(response, 413)["message"]
