@@ -196,6 +196,14 @@ class Runner:
         return self.pack(latents), {"image_latents": self.pack(image_latents), "noise": self.pack(noise),
                                     "mask": self.pack(mask)}
 
+    def start(self, spec: ImageSpec, generator: torch.Generator, scheduler: Any, timesteps: torch.Tensor,
+              dtype: torch.dtype, channels: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The first latents: the pipeline's own noise for a generation; for an edit, the noised
+        input and what inpainting's blend needs (`edit_start`). FLUX packs its own (flow.py)."""
+        if spec.image is not None:
+            return self.edit_start(spec, generator, scheduler, timesteps, dtype)
+        return self.pipe.prepare_latents(1, channels, spec.height, spec.width, dtype, self.device, generator), {}
+
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents as the denoiser takes them (FLUX packs 2x2 patches)."""
         return latents

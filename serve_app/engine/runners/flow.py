@@ -66,14 +66,8 @@ class StableDiffusion3Runner(FlowRunner):
         patch, scale = self.pipe.transformer.config.patch_size, self.pipe.vae_scale_factor
         shift = self.resolution_shift((spec.height // scale // patch) * (spec.width // scale // patch))
         scheduler, timesteps = self.schedule(spec, **shift)
-        dtype = cond["prompt"].dtype
-        edit: dict[str, torch.Tensor] = {}
-        if spec.image is not None:
-            latents, edit = self.edit_start(spec, generator, scheduler, timesteps, dtype)
-        else:
-            latents = self.pipe.prepare_latents(
-                1, self.pipe.transformer.config.in_channels, spec.height, spec.width, dtype, self.device, generator
-            )
+        latents, edit = self.start(spec, generator, scheduler, timesteps, cond["prompt"].dtype,
+                                   self.pipe.transformer.config.in_channels)
         return DenoiseState(spec, generator, scheduler, timesteps, latents, cond, **edit)
 
     def denoise(self, states: list[DenoiseState]) -> list[torch.Tensor]:

@@ -26,16 +26,10 @@ class StableDiffusionRunner(Runner):
     def initial_state(self, spec: ImageSpec, cond: dict[str, Any]) -> DenoiseState:
         generator = self.generator(spec)
         scheduler, timesteps = self.schedule(spec)
-        dtype = cond["prompt"].dtype
-        edit: dict[str, torch.Tensor] = {}
-        if spec.image is not None:
-            # The Img2Img/Inpaint pipelines' time ids (SDXL) are the text-to-image ones: their
-            # `requires_aesthetics_score` is False by default, and a text-to-image checkpoint sets none.
-            latents, edit = self.edit_start(spec, generator, scheduler, timesteps, dtype)
-        else:
-            latents = self.pipe.prepare_latents(
-                1, self.pipe.unet.config.in_channels, spec.height, spec.width, dtype, self.device, generator
-            )
+        # An edit's time ids (SDXL) are the text-to-image ones: the Img2Img/Inpaint pipelines'
+        # `requires_aesthetics_score` is False by default, and a text-to-image checkpoint sets none.
+        latents, edit = self.start(spec, generator, scheduler, timesteps, cond["prompt"].dtype,
+                                   self.pipe.unet.config.in_channels)
         return DenoiseState(spec, generator, scheduler, timesteps, latents, cond,
                             self.step_kwargs(scheduler, generator), **edit)
 
