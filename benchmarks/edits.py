@@ -6,7 +6,7 @@ Per family (tiny-sd, tiny-sdxl, tiny-sd3, tiny-flux), one image alone through th
 runner (`run_together`), at the same size and the same denoising steps actually run (6):
 a generation of 6 steps; image-to-image with 10 steps at strength 0.6 (runs 6); inpainting
 with 6 steps at strength 1.0 (runs 6). Medians of `--repeats` after a warm-up; the ratios
-are edit / generation. Then the ingress's side (`serve_app/uploads.py`): the header check
+are edit / generation. Then the ingress's side (`serve_app/api/uploads.py`): the header check
 and the full decode + resize + PNG re-encode of 1024² inputs (png, jpeg, webp) and a mask,
 against the time of the tiny generation above.
 Prints Markdown tables; writes benchmarks/results/edits-<time>.{json,md}.
@@ -78,7 +78,7 @@ def runners(size: int, repeats: int) -> dict:
 def uploads(repeats: int) -> dict:
     from PIL import Image
 
-    from serve_app.uploads import Upload, input_size, prepare
+    from serve_app.api.uploads import Upload, input_size, prepare
 
     source, out = picture(1024), {}
     for fmt, pil in (("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")):

@@ -145,8 +145,8 @@ def in_process(models_dir: Path) -> dict:
     from serve_app.config import load_model_config
     from serve_app.engine.pipeline import DiffusersEngine, PipelineInputs
     from serve_app.engine.runners import ImageSpec, make_runner
-    from serve_app.scheduler import StepScheduler, Ticket
-    from serve_app.steploop import StepLoop, Work
+    from serve_app.replica.scheduler import StepScheduler, Ticket
+    from serve_app.replica.steploop import StepLoop, Work
 
     engine = DiffusersEngine(load_model_config(models_dir / "tiny-sd.yaml"))
     inputs = PipelineInputs(256, 256, 1, 7.5, ["a lighthouse at dusk"], [None], [0])

@@ -24,7 +24,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serve_app.encoding import encode_image  # noqa: E402
+from serve_app.replica.encoding import encode_image  # noqa: E402
 from serve_app.storage.gcs import GcsImageStore  # noqa: E402
 from serve_app.storage.local import LocalImageStore  # noqa: E402
 from tests.gcs import BUCKET, SERVICE_ACCOUNT, Emulator, FakeGoogle, service_account_key  # noqa: E402

@@ -8,10 +8,10 @@ from typing import Any
 
 from ray.serve import Application
 
+from serve_app.api.idempotency import IdempotencyStore
+from serve_app.api.ingress import ImageIngress
 from serve_app.config import AppConfig
-from serve_app.idempotency import IdempotencyStore
-from serve_app.ingress import ImageIngress
-from serve_app.server import ModelServer, deployment_options
+from serve_app.replica.server import ModelServer, deployment_options
 
 logger = logging.getLogger("ray.serve")
 

@@ -367,7 +367,7 @@ class AppConfig(Strict):
         600, gt=0, description="Local storage: how often expired images are deleted. Env: ARTSERVE_JANITOR_PERIOD_S."
     )
     drain_dir: str | None = Field(
-        None, description="Set by `python -m serve_app run`: its graceful stop (serve_app/drain.py). "
+        None, description="Set by `python -m serve_app run`: its graceful stop (serve_app/api/drain.py). "
         "Env: ARTSERVE_DRAIN_DIR.",
     )
     edit_url_hosts: list[str] = Field(

@@ -7,7 +7,7 @@ Ready means every model of every ArtServe application in the config reports a ru
 replica on the public `GET /v1/models` (what the ingress itself checks before it routes a
 request, so a generation made right after the line is served, not answered "still
 loading"). Until then a hint line is printed whenever the set of loading models changes.
-Ctrl-C or SIGTERM stops it gracefully (serve_app/drain.py): new requests get 503 at once,
+Ctrl-C or SIGTERM stops it gracefully (serve_app/api/drain.py): new requests get 503 at once,
 requests in flight finish (up to `DRAIN_GRACE_S`), then `serve run` gets the SIGINT it
 shuts Serve and Ray down on. A second Ctrl-C kills it."""
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from serve_app import drain
+from serve_app.api import drain
 
 IMPORT_PATH = "serve_app.app:build_app"
 POLL_INTERVAL_S = 1.0
@@ -57,7 +57,7 @@ def endpoints(config: dict) -> list[Endpoint]:
 
 
 def _auth_header() -> dict[str, str]:
-    """The operator's own key when keys are configured (as serve_app.auth reads them):
+    """The operator's own key when keys are configured (as serve_app.api.auth reads them):
     /v1/models needs one then."""
     keys = os.environ.get("ARTSERVE_API_KEYS", "").split(",")
     if os.environ.get("ARTSERVE_API_KEYS_FILE"):

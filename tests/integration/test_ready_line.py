@@ -24,7 +24,7 @@ import psutil
 import pytest
 import yaml
 
-from serve_app import drain
+from serve_app.api import drain
 from tests.integration.conftest import ROOT, _free_port
 
 pytestmark = pytest.mark.integration

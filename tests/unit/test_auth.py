@@ -1,6 +1,6 @@
 import pytest
 
-from serve_app.auth import ApiKeys
+from serve_app.api.auth import ApiKeys
 from serve_app.errors import AuthenticationError
 
 

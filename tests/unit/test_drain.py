@@ -1,4 +1,4 @@
-"""The graceful stop's two sides (serve_app/drain.py): the ingress middleware over a real
+"""The graceful stop's two sides (serve_app/api/drain.py): the ingress middleware over a real
 Starlette app, and the launcher reading the replicas' in-flight reports."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from serve_app import drain
+from serve_app.api import drain
 
 
 def _app(state: drain.DrainState, release: asyncio.Event | None = None) -> httpx.AsyncClient:

@@ -10,11 +10,11 @@ import json
 import httpx
 import pytest
 
-from serve_app.auth import ApiKeys
+from serve_app.api.auth import ApiKeys
+from serve_app.api.drain import DrainState
+from serve_app.api.ingress import ImageIngress, create_api
+from serve_app.api.limits import MAX_JSON_DEPTH, BodyLimitMiddleware
 from serve_app.config import AppConfig
-from serve_app.drain import DrainState
-from serve_app.ingress import ImageIngress, create_api
-from serve_app.limits import MAX_JSON_DEPTH, BodyLimitMiddleware
 
 LIMIT = 10_000
 
@@ -160,7 +160,7 @@ def test_openapi_document_has_the_request_and_response_models(ingress):
 def test_edit_routes_refuse_bodies_no_served_model_can_use(ingress):
     """The default edits/variations limit follows the served models: one input image and a
     mask of 50 MB each, base64 in JSON, + 1 MB of fields (134 MB), not 16 images' worth."""
-    from serve_app import uploads
+    from serve_app.api import uploads
 
     limit = uploads.edit_body_limit(1)
     assert limit == 2 * 50 * 1024 * 1024 * 4 // 3 + 1024 * 1024

@@ -13,12 +13,12 @@ import openai
 import pytest
 from PIL import Image
 
-from serve_app.auth import ApiKeys
+from serve_app.api.auth import ApiKeys
+from serve_app.api.drain import DrainState
+from serve_app.api.ingress import ImageIngress, create_api
+from serve_app.api.protocol import ImageEditRequest, ImageVariationRequest, parse_request
 from serve_app.config import AppConfig
-from serve_app.drain import DrainState
-from serve_app.ingress import ImageIngress, create_api
 from serve_app.job import GenerationJob, GenerationResult, ImageResult
-from serve_app.protocol import ImageEditRequest, ImageVariationRequest, parse_request
 from tests.openai_schema import validate
 
 
@@ -261,7 +261,7 @@ def test_models_say_whether_they_edit(ingress):
 
 
 def test_fingerprint_covers_fields_and_file_bytes(ingress):
-    from serve_app.edits import _from_form
+    from serve_app.api.edits import _from_form
 
     def digest(fields, images):
         request = parse_request(ImageVariationRequest, {"model": "tiny-sd", **fields}, from_form=True)
@@ -299,8 +299,8 @@ def test_a_one_step_preset_is_raised_until_the_edit_runs_a_step():
     default edit or variation was a 400. Preset steps are raised; the request's own are not."""
     from pathlib import Path
 
+    from serve_app.api.presets import edit_schedule
     from serve_app.config import load_model_config
-    from serve_app.presets import edit_schedule
 
     turbo = load_model_config(Path(__file__).resolve().parents[2] / "models" / "sdxl-turbo.yaml")
     variation = parse_request(ImageVariationRequest, {"model": "sdxl-turbo"}, from_form=True)

@@ -179,7 +179,7 @@ def test_an_edit_runs_the_steps_its_strength_gives(model_id):
     import diffusers
     import torch
 
-    from serve_app.steploop import preview_steps
+    from serve_app.replica.steploop import preview_steps
 
     engine, runner = load(model_id)
     pipe = getattr(diffusers, PIPELINES[model_id][0]).from_pipe(

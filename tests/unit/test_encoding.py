@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_app.encoding import encode_image
+from serve_app.replica.encoding import encode_image
 
 
 @pytest.fixture

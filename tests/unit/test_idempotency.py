@@ -9,8 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from serve_app.errors import GenerationError, IdempotencyConflictError, InvalidRequestError, ServiceUnavailableError
-from serve_app.idempotency import (
+from serve_app.api.idempotency import (
     BUSY,
     CONFLICT,
     DONE,
@@ -21,6 +20,7 @@ from serve_app.idempotency import (
     run_once,
     scoped_key,
 )
+from serve_app.errors import GenerationError, IdempotencyConflictError, InvalidRequestError, ServiceUnavailableError
 
 Store = IdempotencyStore.func_or_class
 RESPONSE = {"content": {"created": 1, "data": [{"url": "http://x/1", "seed": 1}]}, "headers": {}}

@@ -8,7 +8,7 @@ import re
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from serve_app.playground import mount_playground
+from serve_app.api.playground import mount_playground
 
 
 def _client(root_path: str = "") -> TestClient:

@@ -2,10 +2,10 @@ from pathlib import Path
 
 import pytest
 
+from serve_app.api.presets import resolve_job
+from serve_app.api.protocol import parse_generate_request
 from serve_app.config import load_model_config
 from serve_app.errors import InvalidRequestError
-from serve_app.presets import resolve_job
-from serve_app.protocol import parse_generate_request
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 SD = load_model_config(MODELS / "tiny-sd.yaml")

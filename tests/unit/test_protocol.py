@@ -3,8 +3,8 @@
 
 import pytest
 
+from serve_app.api.protocol import parse_generate_request
 from serve_app.errors import InvalidRequestError
-from serve_app.protocol import parse_generate_request
 
 BASE = {"model": "tiny-sd", "prompt": "a lighthouse"}
 

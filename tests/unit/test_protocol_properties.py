@@ -8,9 +8,9 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from serve_app.api.limits import decode_json_body
+from serve_app.api.protocol import ImageGenerateRequest, parse_generate_request
 from serve_app.errors import InvalidRequestError
-from serve_app.limits import decode_json_body
-from serve_app.protocol import ImageGenerateRequest, parse_generate_request
 
 FIELDS = sorted(ImageGenerateRequest.model_fields)
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)

@@ -9,9 +9,9 @@ from dataclasses import replace
 
 import pytest
 
+from serve_app.api.responses import KEEPALIVE, images_response, relay, sse, stream_event
 from serve_app.errors import ServiceUnavailableError
 from serve_app.job import GenerationJob, GenerationResult, ImageResult, PartialImage
-from serve_app.responses import KEEPALIVE, images_response, relay, sse, stream_event
 from tests.openai_schema import validate
 
 

@@ -1,6 +1,6 @@
 """The step scheduler: pure policy, no torch, no Ray."""
 
-from serve_app.scheduler import StepScheduler, Ticket
+from serve_app.replica.scheduler import StepScheduler, Ticket
 
 A, B = ("256x256", False), ("512x512", False)
 

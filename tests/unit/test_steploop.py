@@ -13,8 +13,8 @@ import pytest
 
 from serve_app.config import load_model_config
 from serve_app.errors import GenerationError
-from serve_app.scheduler import StepScheduler, Ticket
-from serve_app.steploop import StepLoop, Work
+from serve_app.replica.scheduler import StepScheduler, Ticket
+from serve_app.replica.steploop import StepLoop, Work
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 

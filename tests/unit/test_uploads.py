@@ -1,4 +1,4 @@
-"""serve_app/uploads.py: type sniffing, the pixel bound before any decode, truncated files,
+"""serve_app/api/uploads.py: type sniffing, the pixel bound before any decode, truncated files,
 mask checks and the alpha convention, `size: auto` rounding, data: URLs and the URL
 allow-list (httpx.MockTransport: no network)."""
 
@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_app import uploads
+from serve_app.api import uploads
+from serve_app.api.uploads import Upload
 from serve_app.config import SizeRules
 from serve_app.errors import InvalidRequestError
-from serve_app.uploads import Upload
 
 MAX_PIXELS = 1792 * 1024
 

@@ -298,7 +298,7 @@ class Runner:
 def run_together(runner: Any, specs: list[ImageSpec], join_at: list[int] | None = None) -> list[Image.Image]:
     """Run images through a runner in-process, as the step loop would, each joining the
     batch at its step boundary `join_at[i]` (default: all at once) and leaving when done.
-    For tests and benchmarks; the replica's loop is `serve_app.steploop`."""
+    For tests and benchmarks; the replica's loop is `serve_app.replica.steploop`."""
     join_at = join_at or [0] * len(specs)
     states: list[Any] = [None] * len(specs)
     images: list[Image.Image | None] = [None] * len(specs)

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
-from serve_app.protocol import (
+from serve_app.api.protocol import (
     ImageEditJsonRequest,
     ImageEditRequest,
     ImageGenerateRequest,

@@ -13,9 +13,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from serve_app.api.protocol import ECHO_QUALITY, SCHEMA_SIZES, ImageData, ImagesResponse, ImageStreamEvent, Usage
 from serve_app.errors import ArtServeError
 from serve_app.job import GenerationJob, GenerationResult, PartialImage
-from serve_app.protocol import ECHO_QUALITY, SCHEMA_SIZES, ImageData, ImagesResponse, ImageStreamEvent, Usage
 
 KEEPALIVE = b": ping\n\n"
 

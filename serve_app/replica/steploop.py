@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from serve_app.scheduler import StepScheduler, Ticket
+from serve_app.replica.scheduler import StepScheduler, Ticket
 
 logger = logging.getLogger("ray.serve")
 

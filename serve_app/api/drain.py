@@ -23,8 +23,8 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from serve_app.api.limits import send_error
 from serve_app.errors import ServiceUnavailableError
-from serve_app.limits import send_error
 
 CHECK_EVERY_S = 0.2
 FLAG = "draining"

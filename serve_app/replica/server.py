@@ -20,13 +20,13 @@ from typing import Any
 from ray import serve
 
 from serve_app.config import AppConfig, ModelConfig
-from serve_app.encoding import encode_image
 from serve_app.errors import ArtServeError, GenerationError, ServiceUnavailableError
 from serve_app.job import GenerationJob, GenerationResult, ImageResult, PartialImage
 from serve_app.metrics import ModelMetrics
 from serve_app.readiness import deployment_name
-from serve_app.scheduler import StepScheduler, Ticket
-from serve_app.steploop import StepLoop, Work
+from serve_app.replica.encoding import encode_image
+from serve_app.replica.scheduler import StepScheduler, Ticket
+from serve_app.replica.steploop import StepLoop, Work
 from serve_app.storage import ImageStore, open_store
 
 logger = logging.getLogger("ray.serve")

@@ -7,10 +7,10 @@ from __future__ import annotations
 import math
 import secrets
 
+from serve_app.api.protocol import MAX_SEED, ImageGenerateRequest, ImageRequest, ImageVariationRequest
 from serve_app.config import ModelConfig, StylePreset, parse_size
 from serve_app.errors import InvalidRequestError
 from serve_app.job import GenerationJob
-from serve_app.protocol import MAX_SEED, ImageGenerateRequest, ImageRequest, ImageVariationRequest
 
 NO_STYLE = StylePreset()  # edits and variations: the prompt as given
 

@@ -20,12 +20,12 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
-from serve_app import uploads
+from serve_app.api import uploads
+from serve_app.api.idempotency import fingerprint
+from serve_app.api.limits import decode_json_body
+from serve_app.api.protocol import ImageEditJsonRequest, ImageEditRequest, ImageVariationRequest, parse_request
+from serve_app.api.uploads import MAX_IMAGE_BYTES, MAX_IMAGES, Upload
 from serve_app.errors import InvalidRequestError
-from serve_app.idempotency import fingerprint
-from serve_app.limits import decode_json_body
-from serve_app.protocol import ImageEditJsonRequest, ImageEditRequest, ImageVariationRequest, parse_request
-from serve_app.uploads import MAX_IMAGE_BYTES, MAX_IMAGES, Upload
 
 logger = logging.getLogger("ray.serve")
 FILE_FIELDS = ("image", "image[]", "mask")

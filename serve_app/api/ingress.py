@@ -21,11 +21,18 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app import idempotency, uploads
-from serve_app.auth import ApiKeys
+from serve_app.api import idempotency, uploads
+from serve_app.api.auth import ApiKeys
+from serve_app.api.drain import DrainMiddleware, DrainState
+from serve_app.api.edits import EditBody, read_edit, read_variation
+from serve_app.api.idempotency import fingerprint, run_once
+from serve_app.api.limits import BodyLimitMiddleware, decode_json_body
+from serve_app.api.openapi import EDITS_DOC, GENERATIONS_DOC, MODEL_DOC, MODELS_DOC, VARIATIONS_DOC, install_openapi
+from serve_app.api.playground import mount_playground
+from serve_app.api.presets import check_edit, edit_schedule, resolve_job
+from serve_app.api.protocol import ImageVariationRequest, ModelCard, ModelList, parse_generate_request
+from serve_app.api.responses import images_response, relay
 from serve_app.config import AppConfig, ModelConfig
-from serve_app.drain import DrainMiddleware, DrainState
-from serve_app.edits import EditBody, read_edit, read_variation
 from serve_app.errors import (
     ArtServeError,
     GenerationError,
@@ -35,16 +42,9 @@ from serve_app.errors import (
     RateLimitError,
     ServiceUnavailableError,
 )
-from serve_app.idempotency import fingerprint, run_once
 from serve_app.job import GenerationJob, GenerationResult
-from serve_app.limits import BodyLimitMiddleware, decode_json_body
 from serve_app.metrics import IngressMetrics
-from serve_app.openapi import EDITS_DOC, GENERATIONS_DOC, MODEL_DOC, MODELS_DOC, VARIATIONS_DOC, install_openapi
-from serve_app.playground import mount_playground
-from serve_app.presets import check_edit, edit_schedule, resolve_job
-from serve_app.protocol import ImageVariationRequest, ModelCard, ModelList, parse_generate_request
 from serve_app.readiness import ModelReadiness
-from serve_app.responses import images_response, relay
 from serve_app.storage import CONTENT_TYPES
 from serve_app.storage.local import ROUTE_PREFIX, LocalImageStore
 
