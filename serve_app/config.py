@@ -19,12 +19,15 @@ SIZE_PATTERN = re.compile(r"^([1-9][0-9]{1,4})x([1-9][0-9]{1,4})$")
 # "generic": any other diffusers text-to-image pipeline, called with the standard arguments
 # (its patching rule, if any, goes in sizes.multiple_of).
 FAMILY_SIZE_MULTIPLE = {"stable-diffusion": 8, "stable-diffusion-xl": 8, "stable-diffusion-3": 16, "flux": 16,
-                        "generic": 8}
-Family = Literal["stable-diffusion", "stable-diffusion-xl", "stable-diffusion-3", "flux", "generic"]
+                        "generic": 8, "flux2": 16}
+Family = Literal["stable-diffusion", "stable-diffusion-xl", "stable-diffusion-3", "flux", "generic", "flux2"]
 # Families whose edits condition on every input image as a reference (its own tokens, at its own
 # size: the pipeline resizes it), generating from noise: several images, no strength, no mask.
 # Every other family edits from one image: image-to-image or inpainting from the first.
-REFERENCE_FAMILIES: set[str] = set()
+REFERENCE_FAMILIES: set[str] = {"flux2"}
+# What a reference family's pipeline requires of each reference: the shortest side in pixels and
+# the largest aspect ratio (FLUX.2: Flux2ImageProcessor.check_image_input). Checked from the header.
+REFERENCE_SHAPE: dict[str, tuple[int, float]] = {"flux2": (64, 8.0)}
 # Qualities a model may leave out, and the preset they then use.
 QUALITY_FALLBACK = {"low": "standard", "medium": "standard", "high": "hd", "auto": "standard"}
 
@@ -229,7 +232,8 @@ class ModelConfig(Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weights.")
     max_prompt_chars: int = Field(4000, gt=0, description="Longest accepted prompt.")
     max_sequence_length: int | None = Field(
-        None, gt=0, le=512, description="T5 prompt tokens (FLUX, SD3: default the tokenizer's, at most 512; generic)."
+        None, gt=0, le=512, description="T5 prompt tokens (FLUX, SD3: default the tokenizer's, at most 512; generic); "
+        "FLUX.2: its text encoder's (default 512)."
     )
     sizes: SizeRules
     default_size: str = Field(description='Used for "auto" and when no size is given.')
@@ -275,8 +279,9 @@ class ModelConfig(Strict):
         missing = {"standard", "hd"} - set(self.quality)
         if missing:
             raise ValueError(f"quality presets missing: {sorted(missing)}")
-        if self.max_sequence_length and self.family not in ("flux", "stable-diffusion-3", "generic"):
-            raise ValueError("max_sequence_length is for T5-encoded pipelines (flux, stable-diffusion-3, generic)")
+        if self.max_sequence_length and self.family not in ("flux", "stable-diffusion-3", "generic", "flux2"):
+            raise ValueError("max_sequence_length is for pipelines with a long-prompt encoder (flux, "
+                             "stable-diffusion-3, generic, flux2)")
         if set(self.style) != {"vivid", "natural"}:
             raise ValueError("style presets must define exactly vivid and natural")
         if self.family == "generic" and self.edits.enabled:
@@ -303,6 +308,11 @@ class ModelConfig(Strict):
     def reference_edits(self) -> bool:
         """Whether edits condition on every input image as a reference (REFERENCE_FAMILIES)."""
         return self.family in REFERENCE_FAMILIES
+
+    @property
+    def reference_shape(self) -> tuple[int, float] | None:
+        """(shortest side, largest aspect ratio) every reference must have (REFERENCE_SHAPE)."""
+        return REFERENCE_SHAPE.get(self.family) if self.reference_edits else None
 
     def quality_preset(self, quality: str) -> QualityPreset:
         return self.quality.get(quality) or self.quality[QUALITY_FALLBACK[quality]]  # type: ignore[index]

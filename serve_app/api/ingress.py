@@ -217,7 +217,7 @@ class ImageIngress:
         steps, strength = edit_schedule(request, model, mask=body.has_mask, steps=steps)
         images, mask = await body.load()
         max_pixels = model.sizes.max_input_pixels()
-        size = await asyncio.to_thread(uploads.input_size, images, max_pixels)
+        size = await asyncio.to_thread(uploads.input_size, images, max_pixels, model.reference_shape)
         job = resolve_job(request, model, request_id=request_id, base_url=base_url, input_size=size)
         edit = await asyncio.to_thread(uploads.prepare, images, mask, width=job.width, height=job.height,
                                        max_pixels=max_pixels, references=model.reference_edits)

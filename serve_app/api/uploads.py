@@ -100,6 +100,16 @@ def open_image(upload: Upload, max_pixels: int, *, formats: tuple[str, ...] = tu
     return image
 
 
+def check_shape(upload: Upload, size: tuple[int, int], min_side: int, max_aspect: float) -> None:
+    width, height = size
+    if min(width, height) < min_side or max(width, height) > max_aspect * min(width, height):
+        raise InvalidRequestError(
+            f"'{upload.param}' is {width}x{height} pixels; this model takes input images with sides of at least "
+            f"{min_side} pixels and an aspect ratio of at most {max_aspect:g}:1.",
+            param=upload.param, code="invalid_image_dimensions",
+        )
+
+
 def _too_large(upload: Upload, size: str, max_pixels: int) -> InvalidRequestError:
     return InvalidRequestError(f"'{upload.param}' is {size} pixels; this model takes at most {max_pixels} pixels.",
                                param=upload.param, code="image_too_large")
@@ -142,9 +152,14 @@ def _png(image: Image.Image) -> bytes:
     return out.getvalue()
 
 
-def input_size(images: list[Upload], max_pixels: int) -> tuple[int, int]:
-    """Check every image's header; the first one's size (upright), for `size: auto`."""
+def input_size(images: list[Upload], max_pixels: int,
+               shape: tuple[int, float] | None = None) -> tuple[int, int]:
+    """Check every image's header (and the shape references must have: the shortest side, the
+    largest aspect ratio); the first one's size (upright), for `size: auto`."""
     opened = [open_image(upload, max_pixels) for upload in images]
+    if shape is not None:
+        for upload, image in zip(images, opened, strict=True):
+            check_shape(upload, image.size, *shape)
     first = opened[0]
     orientation = first.getexif().get(0x0112, 1) if sniff(images[0].data) == "jpeg" else 1
     width, height = first.size

@@ -330,9 +330,9 @@ def test_json_mask_problems_name_the_mask_image_url(ingress):
 @pytest.fixture
 def multi(tmp_path, monkeypatch):
     """An ingress serving tiny-sd plus two models of a reference family taking up to 3 images:
-    `refs` (generations and edits) and `refs-edit-only` (generations: false). No family of this
-    commit's catalog takes references yet, so the test makes FLUX one (the HTTP side is all it
-    exercises: the handle records the job)."""
+    `refs` (generations and edits) and `refs-edit-only` (generations: false), made from tiny-flux's
+    YAML with FLUX.1 declared a reference family for the test: the HTTP side is all it exercises
+    (the handle records the job), independent of any one reference family's own rules."""
     import yaml
 
     from serve_app import config as config_module

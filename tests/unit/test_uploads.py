@@ -290,3 +290,13 @@ def test_references_stay_at_their_own_size_in_order_as_rgb():
     assert [(i.format, i.mode, i.size) for i in opened] == [("PNG", "RGB", (64, 48)), ("PNG", "RGB", (32, 80))]
     assert opened[1].getpixel((0, 0)) == (0, 0, 255)
     assert edit.image_tokens == (64 // 16) * (48 // 16) + (32 // 16) * (80 // 16)
+
+
+def test_references_of_a_shape_their_pipeline_refuses_are_400_from_the_header():
+    """FLUX.2's references need sides of at least 64 pixels and an aspect ratio of at most 8:1."""
+    good, thin = Upload("image[0]", rgb(64, 64)), Upload("image[1]", rgb(600, 70))
+    assert uploads.input_size([good, Upload("image[1]", rgb(512, 64))], MAX_PIXELS, (64, 8.0)) == (64, 64)
+    error = error_of(lambda: uploads.input_size([good, thin], MAX_PIXELS, (64, 8.0)))
+    assert (error.param, error.code) == ("image[1]", "invalid_image_dimensions") and "8:1" in str(error)
+    assert error_of(lambda: uploads.input_size([Upload("image", rgb(63, 200))], MAX_PIXELS, (64, 8.0))).param == "image"
+    assert uploads.input_size([thin], MAX_PIXELS) == (600, 70)  # a one-image family has no such rule
