@@ -189,6 +189,11 @@ class EngineOptions(Strict):
     quantization: Literal["fp8", "int8"] | None = Field(
         None, description="torchao weight quantization of the denoiser: fp8 (compute capability 8.9+) or int8."
     )
+    quantize_text_encoders: bool = Field(
+        False, description="With `quantization`: quantize the text encoders too (FLUX.2 [dev]'s 24B Mistral-3 does "
+        "not fit beside its transformer in bf16 on an 80 GB GPU). Each quantized module is moved to the GPU and "
+        "quantized on its own, so their bf16 weights are never all there at once.",
+    )
 
 
 def check_deployment_options(options: dict[str, Any]) -> dict[str, Any]:
