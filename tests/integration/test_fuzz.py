@@ -167,25 +167,23 @@ def check(case, response) -> None:
         assert len(response.json()["data"]) >= 1
 
 
+def ran_enough(label: str, statuses: list[int], minimum: int) -> None:
+    counts = {s: statuses.count(s) for s in sorted(set(statuses))}
+    print(f"{label}: {len(statuses)} cases, statuses {counts}")
+    assert len(statuses) >= minimum, counts
+    assert 200 in counts and 400 in counts  # both valid and invalid bodies were exercised
+
+
 def test_fuzzing_ran_enough_cases():
     """Runs after the fuzz test (file order): at least MIN_CASES requests were made."""
     if not sent:
         pytest.fail("the fuzz test did not run first")
-    statuses = {s: sent.count(s) for s in sorted(set(sent))}
-    print(f"fuzz: {len(sent)} cases, statuses {statuses}")
-    assert len(sent) >= MIN_CASES, statuses
-    assert 200 in statuses and 400 in statuses  # both valid and invalid bodies were exercised
-    edits = {s: sent_edits.count(s) for s in sorted(set(sent_edits))}
-    print(f"edit fuzz: {len(sent_edits)} cases, statuses {edits}")
-    assert len(sent_edits) >= MIN_EDIT_CASES, edits
-    assert 200 in edits and 400 in edits
+    ran_enough("fuzz", sent, MIN_CASES)
+    ran_enough("edit fuzz", sent_edits, MIN_EDIT_CASES)
 
 
 def test_reference_model_fuzzing_ran_enough_cases():
     """Runs after the reference model's fuzz test (file order)."""
     if not sent_references:
         pytest.fail("the reference model's fuzz test did not run first")
-    references = {s: sent_references.count(s) for s in sorted(set(sent_references))}
-    print(f"{REFERENCE_MODEL} fuzz: {len(sent_references)} cases, statuses {references}")
-    assert len(sent_references) >= MIN_REFERENCE_CASES, references
-    assert 200 in references and 400 in references
+    ran_enough(f"{REFERENCE_MODEL} fuzz", sent_references, MIN_REFERENCE_CASES)
