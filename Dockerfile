@@ -11,7 +11,9 @@ COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users serve_app ./serve_app
 COPY --chown=ray:users models ./models
 COPY --chown=ray:users serve_config.yaml serve_config.production.yaml ./
-RUN pip install --no-cache-dir ${TORCH_INDEX:+--extra-index-url ${TORCH_INDEX}} "torch>=2.6" \
+# torchvision with torch (one resolution, matching builds): FLUX.2 [dev]'s tokenizer is a
+# PixtralProcessor, which transformers builds only with torchvision.
+RUN pip install --no-cache-dir ${TORCH_INDEX:+--extra-index-url ${TORCH_INDEX}} "torch>=2.6" torchvision \
  && pip install --no-cache-dir "ray[serve]==2.60.0" -e ".[${EXTRAS}]"
 # Serve resolves models_dir and import paths from here.
 ENV PYTHONPATH=/home/ray/artserve

@@ -19,8 +19,15 @@ SIZE_PATTERN = re.compile(r"^([1-9][0-9]{1,4})x([1-9][0-9]{1,4})$")
 # "generic": any other diffusers text-to-image pipeline, called with the standard arguments
 # (its patching rule, if any, goes in sizes.multiple_of).
 FAMILY_SIZE_MULTIPLE = {"stable-diffusion": 8, "stable-diffusion-xl": 8, "stable-diffusion-3": 16, "flux": 16,
-                        "generic": 8}
-Family = Literal["stable-diffusion", "stable-diffusion-xl", "stable-diffusion-3", "flux", "generic"]
+                        "generic": 8, "flux2": 16}
+Family = Literal["stable-diffusion", "stable-diffusion-xl", "stable-diffusion-3", "flux", "generic", "flux2"]
+# Families whose edits condition on every input image as a reference (its own tokens, at its own
+# size: the pipeline resizes it), generating from noise: several images, no strength, no mask.
+# Every other family edits from one image: image-to-image or inpainting from the first.
+REFERENCE_FAMILIES: set[str] = {"flux2"}
+# What a reference family's pipeline requires of each reference: the shortest side in pixels and
+# the largest aspect ratio (FLUX.2: Flux2ImageProcessor.check_image_input). Checked from the header.
+REFERENCE_SHAPE: dict[str, tuple[int, float]] = {"flux2": (64, 8.0)}
 # Qualities a model may leave out, and the preset they then use.
 QUALITY_FALLBACK = {"low": "standard", "medium": "standard", "high": "hd", "auto": "standard"}
 
@@ -137,9 +144,9 @@ class EditSettings(Strict):
     enabled: bool = Field(True, description="Whether the model takes edits and variations.")
     inpainting: bool = Field(True, description="Whether a mask is honoured (inpainting).")
     max_input_images: int = Field(
-        1, ge=1, le=1,
-        description="Input images an edit may carry. Every family here conditions on one image (the first); "
-        "a family that conditions on several would raise the bound.",
+        1, ge=1, le=16,
+        description="Input images an edit may carry (OpenAI's bound: 16). 1 for the families that edit from one "
+        "image; a reference family (FLUX.2, Qwen-Image-Edit) takes what its model card allows.",
     )
     default_strength: float = Field(
         0.6, gt=0, le=1, description="Image-to-image strength of an edit without a mask (1: ignore the input)."
@@ -181,6 +188,11 @@ class EngineOptions(Strict):
     )
     quantization: Literal["fp8", "int8"] | None = Field(
         None, description="torchao weight quantization of the denoiser: fp8 (compute capability 8.9+) or int8."
+    )
+    quantize_text_encoders: bool = Field(
+        False, description="With `quantization`: quantize the text encoders too (FLUX.2 [dev]'s 24B Mistral-3 does "
+        "not fit beside its transformer in bf16 on an 80 GB GPU). Each quantized module is moved to the GPU and "
+        "quantized on its own, so their bf16 weights are never all there at once.",
     )
 
 
@@ -225,7 +237,8 @@ class ModelConfig(Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weights.")
     max_prompt_chars: int = Field(4000, gt=0, description="Longest accepted prompt.")
     max_sequence_length: int | None = Field(
-        None, gt=0, le=512, description="T5 prompt tokens (FLUX, SD3: default the tokenizer's, at most 512; generic)."
+        None, gt=0, le=512, description="T5 prompt tokens (FLUX, SD3: default the tokenizer's, at most 512; generic); "
+        "FLUX.2: its text encoder's (default 512)."
     )
     sizes: SizeRules
     default_size: str = Field(description='Used for "auto" and when no size is given.')
@@ -237,6 +250,9 @@ class ModelConfig(Strict):
     style: dict[Literal["vivid", "natural"], StylePreset]
     edits: EditSettings = Field(
         default_factory=EditSettings, description="Edits/variations; `generic` models cannot edit (enabled: false)."
+    )
+    generations: bool = Field(
+        True, description="Whether POST /v1/images/generations serves this model (false: an edit-only model)."
     )
     batching: Batching = Batching()
     engine: EngineOptions = EngineOptions()
@@ -268,8 +284,9 @@ class ModelConfig(Strict):
         missing = {"standard", "hd"} - set(self.quality)
         if missing:
             raise ValueError(f"quality presets missing: {sorted(missing)}")
-        if self.max_sequence_length and self.family not in ("flux", "stable-diffusion-3", "generic"):
-            raise ValueError("max_sequence_length is for T5-encoded pipelines (flux, stable-diffusion-3, generic)")
+        if self.max_sequence_length and self.family not in ("flux", "stable-diffusion-3", "generic", "flux2"):
+            raise ValueError("max_sequence_length is for pipelines with a long-prompt encoder (flux, "
+                             "stable-diffusion-3, generic, flux2)")
         if set(self.style) != {"vivid", "natural"}:
             raise ValueError("style presets must define exactly vivid and natural")
         if self.family == "generic" and self.edits.enabled:
@@ -277,8 +294,30 @@ class ModelConfig(Strict):
         if self.batching.mode == "call" and self.edits.enabled:
             raise ValueError("edits need the step engine: batching.mode call runs whole pipeline calls "
                              "(set edits.enabled: false, or batching.mode: step)")
+        self._check_edit_inputs()
         check_deployment_options(self.deployment)
         return self
+
+    def _check_edit_inputs(self) -> None:
+        if not self.generations and not self.edits.enabled:
+            raise ValueError("generations: false and edits.enabled: false: the model would serve nothing")
+        if self.reference_edits:
+            if self.edits.inpainting:
+                raise ValueError(f"edits.inpainting: {self.family} edits condition on reference images; masks "
+                                 "(inpainting) are not supported for it (set edits.inpainting: false)")
+        elif self.edits.max_input_images > 1:
+            raise ValueError(f"edits.max_input_images: {self.family} edits from one image (image-to-image or "
+                             "inpainting from the first); it must be 1")
+
+    @property
+    def reference_edits(self) -> bool:
+        """Whether edits condition on every input image as a reference (REFERENCE_FAMILIES)."""
+        return self.family in REFERENCE_FAMILIES
+
+    @property
+    def reference_shape(self) -> tuple[int, float] | None:
+        """(shortest side, largest aspect ratio) every reference must have (REFERENCE_SHAPE)."""
+        return REFERENCE_SHAPE.get(self.family) if self.reference_edits else None
 
     def quality_preset(self, quality: str) -> QualityPreset:
         return self.quality.get(quality) or self.quality[QUALITY_FALLBACK[quality]]  # type: ignore[index]

@@ -26,7 +26,7 @@ import torch
 from serve_app.engine.tiny import _tokenizer
 
 ARCHITECTURES = Path(__file__).with_name("architectures")
-CATALOG = ("flux-dev", "flux-schnell", "sdxl", "sdxl-turbo", "sd3.5-large")
+CATALOG = ("flux-dev", "flux-schnell", "sdxl", "sdxl-turbo", "sd3.5-large", "flux2-dev", "flux2-klein-4b")
 # Pipeline components that hold weights, in the order the tables print them.
 WEIGHTED = ("transformer", "unet", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
 
@@ -64,6 +64,10 @@ def build_component(model_id: str, name: str, device: str = "meta", dtype: torch
     library, class_name = component_specs(model_id)[name]
     if name.startswith("tokenizer"):
         config = _read(model_id, f"{name}/tokenizer_config.json")
+        if "chat_template" in config:  # FLUX.2: the prompt inside a chat template (Mistral's, Qwen's)
+            from serve_app.engine.tiny_flux2 import chat_tokenizer
+
+            return chat_tokenizer(config["model_max_length"], config["chat_template"])
         # CLIP wraps a prompt in start/end tokens; T5 only appends </s>.
         return _tokenizer(config["model_max_length"], bos_eos=config["tokenizer_class"] == "CLIPTokenizer")
     if name == "scheduler":

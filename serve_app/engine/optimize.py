@@ -56,6 +56,9 @@ def plan(options: EngineOptions, hardware: Hardware) -> list[Step]:
         elif options.quantization == "fp8" and (hardware.capability or (0, 0)) < FP8_MIN_CAPABILITY:
             reason = f"fp8 needs compute capability {FP8_MIN_CAPABILITY}, this GPU has {hardware.capability}"
         steps.append(Step(f"quantization={options.quantization}", reason))
+    if options.quantize_text_encoders:
+        steps.append(Step("quantize_text_encoders", "needs `quantization`" if not options.quantization else
+                          next(s.skipped for s in steps if s.option.startswith("quantization="))))
     if options.fuse_qkv:
         steps.append(Step("fuse_qkv"))
     if options.channels_last:
@@ -78,32 +81,45 @@ def denoiser(pipeline) -> torch.nn.Module:
     return getattr(pipeline, "transformer", None) or pipeline.unet
 
 
+def text_encoders(pipeline) -> list[torch.nn.Module]:
+    return [m for m in (getattr(pipeline, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3"))
+            if isinstance(m, torch.nn.Module)]
+
+
+def quantizer(quantization: str):
+    """torchao's in-place weight quantization of a module, for `quantization`."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int8WeightOnlyConfig, quantize_
+
+    config = Float8DynamicActivationFloat8WeightConfig() if quantization == "fp8" else Int8WeightOnlyConfig()
+    return lambda module: quantize_(module, config)
+
+
 def apply(pipeline, options: EngineOptions, steps: list[Step], device: str, model_id: str) -> list[str]:
     """Place the pipeline on `device` and apply the planned steps; return what was applied."""
     applied = []
-    offload = next((s for s in steps if s.option == "cpu_offload" and not s.skipped), None)
-    if offload and options.cpu_offload == "sequential":
-        pipeline.enable_sequential_cpu_offload()
-    elif offload:
-        pipeline.enable_model_cpu_offload()
-    else:
-        pipeline.to(device)
+    active = {s.option.split("=")[0] for s in steps if not s.skipped}
     net = denoiser(pipeline)
+    quantized = ([net] if "quantization" in active else []) + (
+        text_encoders(pipeline) if "quantize_text_encoders" in active else [])
+    if "cpu_offload" in active and options.cpu_offload == "sequential":
+        pipeline.enable_sequential_cpu_offload()
+    elif "cpu_offload" in active:
+        pipeline.enable_model_cpu_offload()
+    # One module at a time onto the GPU, quantized there before the next comes: FLUX.2 [dev]'s
+    # bf16 weights (112.6 GB) would not fit on an 80 GB GPU all at once. (Offloaded: on the CPU.)
+    for module in quantized:
+        if "cpu_offload" not in active:
+            module.to(device)
+        quantizer(options.quantization)(module)  # type: ignore[arg-type]
+    if "cpu_offload" not in active:
+        pipeline.to(device)
     for step in steps:
         if step.skipped:
             logger.warning("model %s: %s skipped: %s", model_id, step.option, step.skipped)
             continue
         name = step.option.split("=")[0].split("(")[0]
-        if name == "quantization":
-            from torchao.quantization import (
-                Float8DynamicActivationFloat8WeightConfig,
-                Int8WeightOnlyConfig,
-                quantize_,
-            )
-
-            config = Float8DynamicActivationFloat8WeightConfig() if options.quantization == "fp8" else (
-                Int8WeightOnlyConfig())
-            quantize_(net, config)
+        if name in ("cpu_offload", "quantization", "quantize_text_encoders"):
+            pass  # placed and quantized above
         elif name == "fuse_qkv":
             if not hasattr(net, "fuse_qkv_projections"):
                 logger.warning("model %s: fuse_qkv skipped: %s has no fused projections",

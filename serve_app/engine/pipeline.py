@@ -58,15 +58,19 @@ class DiffusersEngine:
         settings in shared state, so counting on the event loop while the step loop's thread
         encodes a prompt with the same object can strip that prompt's padding."""
         from serve_app.engine.runners.flow import t5_length
+        from serve_app.engine.runners.flux2 import text_length
 
         counters = []
         for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
             tokenizer = getattr(self.pipeline, name, None)
             if tokenizer is None:
                 continue
+            tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor (FLUX.2 [dev]'s) wraps one
             limit = tokenizer.model_max_length
             if "t5" in type(getattr(self.pipeline, name.replace("tokenizer", "text_encoder"), None)).__name__.lower():
                 limit = t5_length(limit, self.model.max_sequence_length)
+            elif self.model.family == "flux2":
+                limit = text_length(self.model.max_sequence_length)
             counters.append((copy.deepcopy(tokenizer), limit))
         return counters
 

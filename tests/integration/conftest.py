@@ -28,7 +28,7 @@ API_KEY = "sk-test-artserve"
 SIGNING_KEY = "integration-signing-key"
 STARTUP_TIMEOUT_S = 240
 # Served only in the tests (the dev config has tiny-sd and tiny-flux).
-EXTRA_FAMILIES = ["tiny-sdxl", "tiny-sd3", "tiny-pixart"]
+EXTRA_FAMILIES = ["tiny-sdxl", "tiny-sd3", "tiny-pixart", "tiny-flux2"]
 
 
 def _free_port() -> int:

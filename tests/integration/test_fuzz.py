@@ -11,7 +11,8 @@ Keeping it cheap: a schema-valid body would make a real generation (up to n=10 i
 capped at 2 when it is in range, and a size the model accepts becomes 256x256; invalid
 values are left as generated, so the 400 paths see exactly what the fuzzer made. For edits,
 half of the generated `image` files (by the parity of their length) become a real 64x64 PNG,
-so valid edits run too."""
+so valid edits run too. The reference model `tiny-flux2` (several images, no mask) gets the same
+checks on all three routes, with fewer cases (no coverage phase)."""
 
 from __future__ import annotations
 
@@ -31,23 +32,27 @@ from tests.integration.conftest import API_KEY
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_FILE = ROOT.parent / "shared" / "schemas" / "openai" / "images-schemas.json"
 MODEL = "tiny-sd"
+# A reference family (multi-image edits, no mask), fuzzed with fewer cases: its routes' own refusals.
+REFERENCE_MODEL = "tiny-flux2"
 SIZES = load_model_config(ROOT / "models" / f"{MODEL}.yaml").sizes
 # 405: the coverage phase also tries other HTTP methods on the route. 5xx is never acceptable.
 DOCUMENTED = {400, 401, 404, 405, 409, 413, 429}
 MIN_CASES = 1000
 MIN_EDIT_CASES = 500
+MIN_REFERENCE_CASES = 60
 sent: list[int] = []
 sent_edits: list[int] = []
+sent_references: list[int] = []
 
 
-def openai_document(paths: dict[str, dict[str, str]]) -> dict:
+def openai_document(paths: dict[str, dict[str, str]], model: str = MODEL) -> dict:
     """An OpenAPI document of `paths` ({route: {media type: request schema}}) over the published
-    components, each request schema's `model` pinned to MODEL."""
+    components, each request schema's `model` pinned to `model`."""
     published = json.loads(SCHEMA_FILE.read_text())
     components = copy.deepcopy(published["components"])
     for content in paths.values():
         for name in content.values():
-            components["schemas"][name]["properties"]["model"] = {"type": "string", "enum": [MODEL]}
+            components["schemas"][name]["properties"]["model"] = {"type": "string", "enum": [model]}
     return {
         "openapi": "3.0.3",  # the published schemas use 3.0's `nullable`
         "info": {"title": "OpenAI Images", "version": "published"},
@@ -60,9 +65,10 @@ def openai_document(paths: dict[str, dict[str, str]]) -> dict:
     }
 
 
-def fuzz_schema(paths: dict[str, dict[str, str]], max_examples: int):
-    loaded = schemathesis.openapi.from_dict(openai_document(paths))
-    loaded.config.phases.update(phases=["examples", "coverage", "fuzzing"])
+def fuzz_schema(paths: dict[str, dict[str, str]], max_examples: int, model: str = MODEL,
+                phases: tuple[str, ...] = ("examples", "coverage", "fuzzing")):
+    loaded = schemathesis.openapi.from_dict(openai_document(paths, model))
+    loaded.config.phases.update(phases=list(phases))
     loaded.config.generation.update(
         modes=[schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE],
         max_examples=max_examples, deterministic=False, no_shrink=False,
@@ -75,6 +81,12 @@ edit_schema = fuzz_schema({
     "/v1/images/edits": {"multipart/form-data": "CreateImageEditRequest", "application/json": "EditImageBodyJsonParam"},
     "/v1/images/variations": {"multipart/form-data": "CreateImageVariationRequest"},
 }, 200)
+# tiny-flux2's routes without the coverage phase (its hundreds of boundary cases are tiny-sd's above).
+reference_schema = fuzz_schema({
+    "/v1/images/generations": {"application/json": "CreateImageRequest"},
+    "/v1/images/edits": {"multipart/form-data": "CreateImageEditRequest", "application/json": "EditImageBodyJsonParam"},
+    "/v1/images/variations": {"multipart/form-data": "CreateImageVariationRequest"},
+}, 25, REFERENCE_MODEL, phases=("examples", "fuzzing"))
 
 
 def _png() -> bytes:
@@ -128,6 +140,16 @@ def test_openai_edit_schema_fuzz(case, server):
     check(case, response)
 
 
+@reference_schema.parametrize()
+@settings(deadline=None, suppress_health_check=list(HealthCheck))
+def test_reference_model_schema_fuzz(case, server):
+    if isinstance(case.body, dict):
+        case.body = real_image(cheap(case.body, steps=2))
+    response = case.call(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
+    sent_references.append(response.status_code)
+    check(case, response)
+
+
 def check(case, response) -> None:
     assert response.status_code < 500, (case.body, response.text[:500])
     if response.status_code >= 400:
@@ -145,15 +167,23 @@ def check(case, response) -> None:
         assert len(response.json()["data"]) >= 1
 
 
+def ran_enough(label: str, statuses: list[int], minimum: int) -> None:
+    counts = {s: statuses.count(s) for s in sorted(set(statuses))}
+    print(f"{label}: {len(statuses)} cases, statuses {counts}")
+    assert len(statuses) >= minimum, counts
+    assert 200 in counts and 400 in counts  # both valid and invalid bodies were exercised
+
+
 def test_fuzzing_ran_enough_cases():
     """Runs after the fuzz test (file order): at least MIN_CASES requests were made."""
     if not sent:
         pytest.fail("the fuzz test did not run first")
-    statuses = {s: sent.count(s) for s in sorted(set(sent))}
-    print(f"fuzz: {len(sent)} cases, statuses {statuses}")
-    assert len(sent) >= MIN_CASES, statuses
-    assert 200 in statuses and 400 in statuses  # both valid and invalid bodies were exercised
-    edits = {s: sent_edits.count(s) for s in sorted(set(sent_edits))}
-    print(f"edit fuzz: {len(sent_edits)} cases, statuses {edits}")
-    assert len(sent_edits) >= MIN_EDIT_CASES, edits
-    assert 200 in edits and 400 in edits
+    ran_enough("fuzz", sent, MIN_CASES)
+    ran_enough("edit fuzz", sent_edits, MIN_EDIT_CASES)
+
+
+def test_reference_model_fuzzing_ran_enough_cases():
+    """Runs after the reference model's fuzz test (file order)."""
+    if not sent_references:
+        pytest.fail("the reference model's fuzz test did not run first")
+    ran_enough(f"{REFERENCE_MODEL} fuzz", sent_references, MIN_REFERENCE_CASES)

@@ -69,3 +69,47 @@ def test_cpu_options_are_applied_and_keep_the_image(model_id, caplog):
     assert "compile(max-autotune-no-cudagraphs) skipped: CUDA only" in caplog.text
     for a, b in zip(plain, engine.generate(inputs), strict=True):
         assert np.abs(a - np.asarray(b, dtype=int)).max() <= 2  # fused matmuls round differently
+
+
+def test_text_encoders_are_quantized_only_with_quantization_and_where_it_can_run():
+    both = EngineOptions(quantization="fp8", quantize_text_encoders=True)
+    assert [s.option for s in plan(both, L4)] == ["quantization=fp8", "quantize_text_encoders"]
+    assert skipped(plan(both, L4)) == {}
+    assert "compute capability" in skipped(plan(both, A100))["quantize_text_encoders"]
+    assert "needs `quantization`" in skipped(plan(EngineOptions(quantize_text_encoders=True), L4))[
+        "quantize_text_encoders"]
+
+
+def test_quantized_modules_reach_the_gpu_one_at_a_time(monkeypatch):
+    """FLUX.2 [dev] in bf16 (112.6 GB) does not fit an 80 GB GPU: each quantized module is moved
+    and quantized before the next one moves, and only then the rest of the pipeline."""
+    import torch
+
+    from serve_app.engine import optimize
+
+    events = []
+
+    class Module(torch.nn.Linear):
+        def __init__(self, name):
+            super().__init__(2, 2)
+            self.label = name
+
+        def to(self, *args, **kwargs):
+            events.append(("to", self.label))
+            return self
+
+    class Pipeline:
+        transformer, text_encoder, vae = Module("transformer"), Module("text_encoder"), Module("vae")
+
+        def to(self, device):
+            events.append(("to", "pipeline"))
+
+    monkeypatch.setattr(optimize, "quantizer", lambda kind: lambda module: events.append(("quantize", module.label)))
+    options = EngineOptions(quantization="fp8", quantize_text_encoders=True)
+    optimize.apply(Pipeline(), options, plan(options, L4), "cuda", "m")
+    assert events == [("to", "transformer"), ("quantize", "transformer"), ("to", "text_encoder"),
+                      ("quantize", "text_encoder"), ("to", "pipeline")]
+    events.clear()
+    optimize.apply(Pipeline(), EngineOptions(quantization="int8"), plan(EngineOptions(quantization="int8"), L4),
+                   "cuda", "m")
+    assert events == [("to", "transformer"), ("quantize", "transformer"), ("to", "pipeline")]

@@ -30,6 +30,13 @@ SD35_LARGE_KERAS_PRESET = 9_048_410_595
 SD35_POS_EMBED_TABLE = 192 * 192 * 2432
 SD35_LARGE_MMDIT = SD35_LARGE_KERAS_PRESET - CLIP_L_PROJECTED - CLIP_G - FLOW_VAE - SD35_POS_EMBED_TABLE
 
+# FLUX.2, at the pinned revisions: the public anatomy of FLUX.2-dev @ 26afe3a7 lists "denoiser /
+# conditioner / VAE: 32,223,281,152 / 24,011,361,280 / 84,046,372" (the VAE figure counts its
+# 257 batch-norm statistics: 84,046,115 parameters); [klein] 4B's transformer "3,875,544,576";
+# its text encoder is Qwen3-4B (4,022,468,096, the Hub's safetensors total).
+FLUX2_DEV_TRANSFORMER, MISTRAL3_24B, FLUX2_VAE = 32_223_281_152, 24_011_361_280, 84_046_372 - 257
+KLEIN_4B_TRANSFORMER, QWEN3_4B = 3_875_544_576, 4_022_468_096
+
 PUBLISHED = {
     "flux-dev": {"transformer": 11_901_408_320, "text_encoder": CLIP_L, "text_encoder_2": T5_XXL_ENCODER,
                  "vae": FLOW_VAE},
@@ -40,9 +47,12 @@ PUBLISHED = {
     "sdxl-turbo": {"unet": SDXL_UNET, "text_encoder": CLIP_L, "text_encoder_2": CLIP_G, "vae": SDXL_VAE},
     "sd3.5-large": {"transformer": SD35_LARGE_MMDIT, "text_encoder": CLIP_L_PROJECTED, "text_encoder_2": CLIP_G,
                     "text_encoder_3": T5_XXL_ENCODER, "vae": FLOW_VAE},
+    "flux2-dev": {"transformer": FLUX2_DEV_TRANSFORMER, "text_encoder": MISTRAL3_24B, "vae": FLUX2_VAE},
+    "flux2-klein-4b": {"transformer": KLEIN_4B_TRANSFORMER, "text_encoder": QWEN3_4B, "vae": FLUX2_VAE},
 }
 PIPELINE_CLASS = {"flux": "FluxPipeline", "stable-diffusion-xl": "StableDiffusionXLPipeline",
-                  "stable-diffusion-3": "StableDiffusion3Pipeline"}
+                  "stable-diffusion-3": "StableDiffusion3Pipeline", "flux2-dev": "Flux2Pipeline",
+                  "flux2-klein-4b": "Flux2KleinPipeline"}
 
 
 def model_config(model_id):
@@ -72,7 +82,7 @@ def test_sd35_large_mmdit_figure():
 @pytest.mark.parametrize("model_id", full_size.CATALOG)
 def test_pipeline_class_dtype_and_meta_device(pipelines, model_id):
     config, pipeline = model_config(model_id), pipelines[model_id]
-    assert type(pipeline).__name__ == PIPELINE_CLASS[config.family]
+    assert type(pipeline).__name__ == PIPELINE_CLASS.get(model_id, PIPELINE_CLASS.get(config.family))
     for name in PUBLISHED[model_id]:
         tensors = list(getattr(pipeline, name).parameters())
         assert all(t.is_meta for t in tensors)  # nothing allocated
@@ -87,14 +97,18 @@ def test_tokenizers_have_the_real_prompt_lengths_and_encoders_the_real_vocabular
         if tokenizer is None:
             continue
         encoder = getattr(pipeline, name.replace("tokenizer", "text_encoder"))
-        if encoder.config.model_type == "t5":  # the T5 length this model is served with
+        vocab = encoder.config.get_text_config().vocab_size
+        if config.family == "flux2":  # FLUX.2: a chat template around the prompt, 512 tokens read
+            assert tokenizer.model_max_length == config.max_sequence_length == 512 and tokenizer.chat_template
+            assert vocab == {"mistral3": 131072, "qwen3": 151936}[encoder.config.model_type]
+        elif encoder.config.model_type == "t5":  # the T5 length this model is served with
             assert tokenizer.model_max_length == config.max_sequence_length
-            assert encoder.config.vocab_size == 32128
+            assert vocab == 32128
         else:
             assert tokenizer.model_max_length == 77
-            assert encoder.config.vocab_size == 49408
+            assert vocab == 49408
         ids = tokenizer(["a lighthouse at dusk"], padding="max_length", max_length=tokenizer.model_max_length).input_ids
-        assert len(ids[0]) == tokenizer.model_max_length and max(ids[0]) < encoder.config.vocab_size
+        assert len(ids[0]) == tokenizer.model_max_length and max(ids[0]) < vocab
 
 
 def test_schedulers_follow_the_published_configs(pipelines):
@@ -104,13 +118,19 @@ def test_schedulers_follow_the_published_configs(pipelines):
     assert type(pipelines["sdxl-turbo"].scheduler).__name__ == "EulerAncestralDiscreteScheduler"
     assert pipelines["sdxl-turbo"].scheduler.config.timestep_spacing == "trailing"
     assert pipelines["sd3.5-large"].scheduler.config.shift == 3.0
+    # FLUX.2: FLUX.1-dev's scheduler config; the pipelines pass their own empirical mu.
+    assert all(pipelines[m].scheduler.config.use_dynamic_shifting for m in ("flux2-dev", "flux2-klein-4b"))
+    assert pipelines["flux2-klein-4b"].config.is_distilled
 
 
 @pytest.mark.parametrize("model_id", full_size.CATALOG)
 def test_readme_memory_figures_are_the_computed_ones(pipelines, model_id):
     sizes = full_size.weight_bytes(pipelines[model_id])
     denoiser = "transformer" if "transformer" in sizes else "unet"
-    [row] = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith(f"| `{model_id}` |")]
+    # The README's table; a model it does not list yet, in its docs page's table of the same shape.
+    documents = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    row = next(line for path in documents for line in path.read_text().splitlines()
+               if line.startswith(f"| `{model_id}` |") and "GB weights" in line)
     memory_cell = row.split("|")[5]
     dtype = model_config(model_id).dtype
     assert f"{sum(sizes.values()) / 1e9:.1f} GB weights" in memory_cell
@@ -151,6 +171,22 @@ def test_sd35_large_transformer_step_fits_its_encoders_on_meta(pipelines):
                                      encoder_hidden_states=torch.cat([negative, embeds]),
                                      pooled_projections=torch.cat([negative_pooled, pooled]), return_dict=False)
     assert out.shape == latents.shape
+
+
+def test_flux2_dev_transformer_step_with_references_at_full_size_on_meta(pipelines):
+    """The prompt (512 tokens of 3 x 5120 stacked Mistral states) and 1024² image tokens, plus
+    4096 tokens for each of four 1024² references, through one step of the 32B transformer."""
+    pipeline, meta, references = pipelines["flux2-dev"], torch.device("meta"), 4
+    with torch.inference_mode():
+        text = torch.zeros(2, 512, 15360, device=meta, dtype=torch.bfloat16)
+        tokens = 4096 * (1 + references)
+        hidden = torch.zeros(2, tokens, 128, device=meta, dtype=torch.bfloat16)
+        ids = torch.zeros(1, tokens, 4, dtype=torch.long, device=meta)
+        [out] = pipeline.transformer(hidden_states=hidden, encoder_hidden_states=text,
+                                     timestep=torch.ones(2, device=meta), guidance=torch.full((2,), 4.0, device=meta),
+                                     img_ids=ids,
+                                     txt_ids=torch.zeros(1, 512, 4, dtype=torch.long, device=meta), return_dict=False)
+    assert out.shape == (2, tokens, 128) and out.is_meta
 
 
 def test_random_weights_materialise_in_the_models_dtype():
