@@ -20,7 +20,10 @@ SIZE_PATTERN = re.compile(r"^([1-9][0-9]{1,4})x([1-9][0-9]{1,4})$")
 # (its patching rule, if any, goes in sizes.multiple_of).
 FAMILY_SIZE_MULTIPLE = {"stable-diffusion": 8, "stable-diffusion-xl": 8, "stable-diffusion-3": 16, "flux": 16,
                         "generic": 8}
-Family = Literal["stable-diffusion", "stable-diffusion-xl", "stable-diffusion-3", "flux", "generic"]
+# Qwen-Image (generation) and Qwen-Image-Edit Plus (edits from 1-3 references): 8x VAE, 2x2 patches.
+FAMILY_SIZE_MULTIPLE.update({"qwen-image": 16, "qwen-image-edit": 16})
+Family = Literal["stable-diffusion", "stable-diffusion-xl", "stable-diffusion-3", "flux", "generic",
+                 "qwen-image", "qwen-image-edit"]
 # Qualities a model may leave out, and the preset they then use.
 QUALITY_FALLBACK = {"low": "standard", "medium": "standard", "high": "hd", "auto": "standard"}
 

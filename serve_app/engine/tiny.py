@@ -26,6 +26,8 @@ from transformers import (
     T5EncoderModel,
 )
 
+from serve_app.engine import tiny_qwen
+
 logger = logging.getLogger(__name__)
 
 VOCAB_SIZE = 1000
@@ -264,6 +266,7 @@ def build_tiny_pixart():
 TINY_BUILDERS: dict[str, Callable] = {
     "tiny-sd": build_tiny_sd, "tiny-sdxl": build_tiny_sdxl, "tiny-sd3": build_tiny_sd3, "tiny-flux": build_tiny_flux,
     "tiny-pixart": build_tiny_pixart,
+    "tiny-qwen-image": tiny_qwen.build_tiny_qwen_image, "tiny-qwen-image-edit": tiny_qwen.build_tiny_qwen_image_edit,
 }
 # Bump when a builder changes, so caches built by older code are not reused.
 TINY_VERSION = "v2"
