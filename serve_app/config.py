@@ -24,6 +24,11 @@ FAMILY_SIZE_MULTIPLE = {"stable-diffusion": 8, "stable-diffusion-xl": 8, "stable
 FAMILY_SIZE_MULTIPLE.update({"qwen-image": 16, "qwen-image-edit": 16})
 Family = Literal["stable-diffusion", "stable-diffusion-xl", "stable-diffusion-3", "flux", "generic",
                  "qwen-image", "qwen-image-edit"]
+# Families whose edits condition on every input image as a reference (its own tokens, at its own
+# size: the pipeline resizes it), generating from noise: several images, no strength, no mask.
+# Every other family edits from one image: image-to-image or inpainting from the first.
+REFERENCE_FAMILIES: set[str] = set()
+REFERENCE_FAMILIES.add("qwen-image-edit")
 # Qualities a model may leave out, and the preset they then use.
 QUALITY_FALLBACK = {"low": "standard", "medium": "standard", "high": "hd", "auto": "standard"}
 
@@ -140,9 +145,9 @@ class EditSettings(Strict):
     enabled: bool = Field(True, description="Whether the model takes edits and variations.")
     inpainting: bool = Field(True, description="Whether a mask is honoured (inpainting).")
     max_input_images: int = Field(
-        1, ge=1, le=1,
-        description="Input images an edit may carry. Every family here conditions on one image (the first); "
-        "a family that conditions on several would raise the bound.",
+        1, ge=1, le=16,
+        description="Input images an edit may carry (OpenAI's bound: 16). 1 for the families that edit from one "
+        "image; a reference family (FLUX.2, Qwen-Image-Edit) takes what its model card allows.",
     )
     default_strength: float = Field(
         0.6, gt=0, le=1, description="Image-to-image strength of an edit without a mask (1: ignore the input)."
@@ -241,6 +246,9 @@ class ModelConfig(Strict):
     edits: EditSettings = Field(
         default_factory=EditSettings, description="Edits/variations; `generic` models cannot edit (enabled: false)."
     )
+    generations: bool = Field(
+        True, description="Whether POST /v1/images/generations serves this model (false: an edit-only model)."
+    )
     batching: Batching = Batching()
     engine: EngineOptions = EngineOptions()
     deployment: dict[str, Any] = Field(
@@ -280,8 +288,25 @@ class ModelConfig(Strict):
         if self.batching.mode == "call" and self.edits.enabled:
             raise ValueError("edits need the step engine: batching.mode call runs whole pipeline calls "
                              "(set edits.enabled: false, or batching.mode: step)")
+        self._check_edit_inputs()
         check_deployment_options(self.deployment)
         return self
+
+    def _check_edit_inputs(self) -> None:
+        if not self.generations and not self.edits.enabled:
+            raise ValueError("generations: false and edits.enabled: false: the model would serve nothing")
+        if self.reference_edits:
+            if self.edits.inpainting:
+                raise ValueError(f"edits.inpainting: {self.family} edits condition on reference images; masks "
+                                 "(inpainting) are not supported for it (set edits.inpainting: false)")
+        elif self.edits.max_input_images > 1:
+            raise ValueError(f"edits.max_input_images: {self.family} edits from one image (image-to-image or "
+                             "inpainting from the first); it must be 1")
+
+    @property
+    def reference_edits(self) -> bool:
+        """Whether edits condition on every input image as a reference (REFERENCE_FAMILIES)."""
+        return self.family in REFERENCE_FAMILIES
 
     def quality_preset(self, quality: str) -> QualityPreset:
         return self.quality.get(quality) or self.quality[QUALITY_FALLBACK[quality]]  # type: ignore[index]

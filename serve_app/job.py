@@ -23,10 +23,14 @@ class GenerationJob:
     base_url: str  # where local links point when no public URL is configured
     deterministic: bool = False  # run each image alone: the solo bytes whatever the load
     partial_images: int = 0  # streamed previews before the final image (stream mode only)
-    # Edits and variations (None for a generation): the first input image as PNG bytes, RGB,
-    # already width x height; the mask as PNG bytes, mode L, width x height, 255 where the
-    # image is repainted (OpenAI's alpha-0 areas) and 0 where it is kept; the strength.
-    init_image: bytes | None = None
+    # Edits and variations (empty/None for a generation): every input image in request order, as
+    # PNG bytes, RGB. A family that edits from one image gets it already resized to width x height
+    # (as before: the image-to-image start); a reference family (config.REFERENCE_FAMILIES) gets
+    # each at its own size, as uploaded (upright, within the model's pixel bound), because its
+    # pipeline resizes references itself and the same image gives the pipeline's numbers.
+    # The mask as PNG bytes, mode L, width x height, 255 where the image is repainted (OpenAI's
+    # alpha-0 areas) and 0 where it is kept; the strength.
+    images: tuple[bytes, ...] = ()
     mask: bytes | None = None
     strength: float | None = None
     image_tokens: int = 0  # usage: the input images' latent tokens

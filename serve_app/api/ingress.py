@@ -29,7 +29,7 @@ from serve_app.api.idempotency import fingerprint, run_once
 from serve_app.api.limits import BodyLimitMiddleware, decode_json_body
 from serve_app.api.openapi import EDITS_DOC, GENERATIONS_DOC, MODEL_DOC, MODELS_DOC, VARIATIONS_DOC, install_openapi
 from serve_app.api.playground import mount_playground
-from serve_app.api.presets import check_edit, edit_schedule, resolve_job
+from serve_app.api.presets import check_edit, check_generation, edit_schedule, resolve_job
 from serve_app.api.protocol import ImageVariationRequest, ModelCard, ModelList, parse_generate_request
 from serve_app.api.responses import images_response, relay
 from serve_app.config import AppConfig, ModelConfig
@@ -199,6 +199,7 @@ class ImageIngress:
     async def _prepare(self, body: Any, request_id: str, base_url: str) -> Prepared:
         request = parse_generate_request(body)
         model = self._model(request.model)
+        check_generation(model)
         job = resolve_job(request, model, request_id=request_id, base_url=base_url)
         logger.info(
             "request %s: model=%s n=%d size=%dx%d steps=%d user=%s",
@@ -219,15 +220,15 @@ class ImageIngress:
         size = await asyncio.to_thread(uploads.input_size, images, max_pixels)
         job = resolve_job(request, model, request_id=request_id, base_url=base_url, input_size=size)
         edit = await asyncio.to_thread(uploads.prepare, images, mask, width=job.width, height=job.height,
-                                       max_pixels=max_pixels)
+                                       max_pixels=max_pixels, references=model.reference_edits)
         variation = isinstance(request, ImageVariationRequest)
-        job = replace(job, init_image=edit.init_image, mask=edit.mask, image_tokens=edit.image_tokens,
+        job = replace(job, images=edit.images, mask=edit.mask, image_tokens=edit.image_tokens,
                       num_inference_steps=steps, strength=strength,
                       event_prefix="image_generation" if variation else "image_edit")
         logger.info(
-            "request %s: %s model=%s n=%d input=%dx%d size=%dx%d steps=%d strength=%s mask=%s user=%s",
-            request_id, "variation" if variation else "edit", model.id, job.n, *size, job.width, job.height,
-            job.num_inference_steps, job.strength, mask is not None, request.user,
+            "request %s: %s model=%s n=%d images=%d input=%dx%d size=%dx%d steps=%d strength=%s mask=%s user=%s",
+            request_id, "variation" if variation else "edit", model.id, job.n, len(images), *size, job.width,
+            job.height, job.num_inference_steps, job.strength, mask is not None, request.user,
         )
         return Prepared(model.id, job, request.quality, bool(request.stream))
 
@@ -276,6 +277,7 @@ class ImageIngress:
             default_output_format=model.default_output_format,
             max_prompt_chars=model.max_prompt_chars,
             supports_negative_prompt=model.supports_negative_prompt,
+            supports_generation=model.generations,
             supports_edits=model.edits.enabled,
             supports_inpainting=model.edits.enabled and model.edits.inpainting,
             max_input_images=model.edits.max_input_images if model.edits.enabled else 0,

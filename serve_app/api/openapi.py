@@ -85,7 +85,8 @@ GENERATIONS_DOC: dict[str, Any] = {
 _BINARY = {"type": "string", "format": "binary"}
 _FILES = {
     "image": {**_BINARY, "description": "One input image (png, webp or jpeg; at most 50 MB)."},
-    "image[]": {"type": "array", "items": _BINARY, "maxItems": 16, "description": "Several input images."},
+    "image[]": {"type": "array", "items": _BINARY, "maxItems": 16,
+                "description": "Several input images, in order: up to the model's max_input_images (its card)."},
     "mask": {**_BINARY, "description": "PNG with alpha, the first image's size: alpha 0 is repainted."},
 }
 
@@ -106,7 +107,8 @@ _EDIT_ERRORS = {
     **_COMMON_ERRORS,
 }
 EDITS_DOC: dict[str, Any] = {
-    "summary": "Edit an image from a prompt: image-to-image, or inpainting with a mask (OpenAI Images API).",
+    "summary": "Edit images from a prompt: image-to-image, inpainting with a mask, or (reference models) a new "
+               "image conditioned on every input image (OpenAI Images API).",
     "parameters": GENERATIONS_DOC["parameters"],
     "requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": _form(ImageEditRequest, ("image", "image[]", "mask"))},

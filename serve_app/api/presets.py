@@ -33,6 +33,16 @@ def resolve_size(
     return dims
 
 
+def check_generation(model: ModelConfig) -> None:
+    """An edit-only model (`generations: false`) takes no generations: say which route it takes."""
+    if not model.generations:
+        raise InvalidRequestError(
+            f"Model '{model.id}' only edits images: send its requests to POST /v1/images/edits "
+            "(an input image and a prompt), not /v1/images/generations.",
+            param="model",
+        )
+
+
 def check_edit(model: ModelConfig, *, images: int, mask: bool, image_param: str = "image") -> None:
     """What the model's `edits` settings allow: edits at all, this many images, a mask."""
     edits = model.edits
@@ -41,7 +51,7 @@ def check_edit(model: ModelConfig, *, images: int, mask: bool, image_param: str 
                                   param="model")
     if images > edits.max_input_images:
         raise InvalidRequestError(
-            f"Model '{model.id}' takes {edits.max_input_images} input image(s); {images} were given.",
+            f"Model '{model.id}' takes at most {edits.max_input_images} input image(s); {images} were given.",
             param=image_param,
         )
     if mask and not edits.inpainting:
@@ -54,6 +64,14 @@ def edit_schedule(request: ImageRequest, model: ModelConfig, *, mask: bool, step
     least one: the preset's steps are raised to make it so (a 1-step turbo preset at strength
     0.5 runs 2 x 0.5); steps the request chose itself are not, and give a 400."""
     strength = getattr(request, "strength", None)
+    if model.reference_edits:  # references condition a generation from noise: nothing to keep
+        if strength is not None:
+            raise InvalidRequestError(
+                f"Model '{model.id}' conditions on its input images as references and generates from noise: "
+                "strength does not apply.",
+                param="strength",
+            )
+        return steps, 1.0
     if strength is None:
         if isinstance(request, ImageVariationRequest):
             strength = model.edits.variation_strength

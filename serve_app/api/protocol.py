@@ -251,6 +251,7 @@ class ModelCard(BaseModel):
     default_output_format: OutputFormat = Field(description="Encoding when none is asked.")
     max_prompt_chars: int = Field(description="Longest accepted prompt.")
     supports_negative_prompt: bool = Field(description="Whether negative_prompt is honoured.")
+    supports_generation: bool = Field(True, description="Whether /v1/images/generations takes this model.")
     supports_edits: bool = Field(False, description="Whether /v1/images/edits and /variations take this model.")
     supports_inpainting: bool = Field(False, description="Whether an edit's mask is honoured.")
     max_input_images: int = Field(0, description="Input images an edit may carry (0: no edits).")

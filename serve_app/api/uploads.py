@@ -1,6 +1,6 @@
 """Input images of edits and variations: where their bytes come from (multipart files,
 `data:` URLs, allow-listed http(s) URLs), what they are (sniffed from the bytes, never from a
-name or content type), and how they become a `GenerationJob`'s `init_image` and `mask`.
+name or content type), and how they become a `GenerationJob`'s `images` and `mask`.
 
 Every problem is a 400 naming the field. The pixel count is read from the header and checked
 against the model's largest size before anything is decoded, so a small file that claims
@@ -47,7 +47,7 @@ class Upload:
 class EditInput:
     """What an edit adds to its job (GenerationJob's edit fields)."""
 
-    init_image: bytes  # PNG, RGB, exactly the output size
+    images: tuple[bytes, ...]  # PNG, RGB, in request order: the output size, or references at their own
     mask: bytes | None  # PNG, mode L, the output size: 255 = repaint, 0 = keep
     image_tokens: int
 
@@ -151,19 +151,22 @@ def input_size(images: list[Upload], max_pixels: int) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-def prepare(images: list[Upload], mask: Upload | None, *, width: int, height: int,
-            max_pixels: int) -> EditInput:
-    """Decode and check the images and mask; the first image becomes the RGB init image at
-    the output size, the mask an L mask at the output size (alpha 0 → 255, repaint)."""
+def prepare(images: list[Upload], mask: Upload | None, *, width: int, height: int, max_pixels: int,
+            references: bool = False) -> EditInput:
+    """Decode and check the images and mask. From one image (`references` False), the first image
+    becomes the RGB init image at the output size; as references, every image stays RGB at its own
+    size (its pipeline resizes references itself). The mask becomes an L mask at the output size
+    (alpha 0 → 255, repaint). Image tokens: each image's (W/16) x (H/16), at the size the model gets it."""
     decoded = [decode(upload, open_image(upload, max_pixels)) for upload in images]
-    first = decoded[0]
-    init = first.convert("RGB")
-    if init.size != (width, height):
-        init = init.resize((width, height), Image.Resampling.LANCZOS)
+    rgb = [image.convert("RGB") for image in (decoded if references else decoded[:1])]
+    if not references and rgb[0].size != (width, height):
+        rgb[0] = rgb[0].resize((width, height), Image.Resampling.LANCZOS)
     mask_png = None
     if mask is not None:
-        mask_png = _png(repaint_mask(mask, first.size, max_pixels).resize((width, height), Image.Resampling.NEAREST))
-    return EditInput(init_image=_png(init), mask=mask_png, image_tokens=(width // 16) * (height // 16))
+        first = decoded[0].size
+        mask_png = _png(repaint_mask(mask, first, max_pixels).resize((width, height), Image.Resampling.NEAREST))
+    tokens = sum((image.width // 16) * (image.height // 16) for image in rgb)
+    return EditInput(images=tuple(_png(image) for image in rgb), mask=mask_png, image_tokens=tokens)
 
 
 def repaint_mask(mask: Upload, size: tuple[int, int], max_pixels: int) -> Image.Image:

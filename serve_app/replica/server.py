@@ -101,11 +101,11 @@ class ModelServer:
         cancelled = threading.Event()  # read by the encoder threads: no upload after a cancel
         futures = [loop.create_future() for _ in range(job.n)]
         works = []
-        image, mask = _decoded(job.init_image), _decoded(job.mask)
+        images, mask = tuple(_decoded(png) for png in job.images), _decoded(job.mask)
         for index, seed in enumerate(job.seeds):
             spec = ImageSpec(prompt=job.prompt, negative_prompt=job.negative_prompt, width=job.width,
                              height=job.height, steps=job.num_inference_steps, guidance=job.guidance_scale, seed=seed,
-                             image=image, mask=mask, strength=1.0 if job.strength is None else job.strength)
+                             images=images, mask=mask, strength=1.0 if job.strength is None else job.strength)
             key = ("alone", job.request_id, index) if job.deterministic else self.runner.batch_key(spec)
             work = Work(Ticket(job.request_id, index, key, arrived), spec, _deliverer(loop, futures[index]))
             if previews is not None and job.partial_images:

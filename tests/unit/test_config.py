@@ -51,12 +51,30 @@ def test_typo_in_a_key_names_the_file_and_key(tmp_path, tiny_sd):
         (lambda d: d.pop("source"), "source"),
         (lambda d: d.update(family="generic"), "generic pipelines are text-to-image only"),
         (lambda d: d["batching"].update(mode="call"), "edits need the step engine"),
+        (lambda d: d["edits"].update(max_input_images=2), "stable-diffusion edits from one image"),
+        (lambda d: d["edits"].update(max_input_images=17), "max_input_images"),
+        (lambda d: d.update(generations=False, edits={"enabled": False}), "would serve nothing"),
     ],
 )
 def test_inconsistent_model_configs_fail_clearly(tmp_path, tiny_sd, change, message):
     change(tiny_sd)
     with pytest.raises(ConfigError, match=message):
         load_model_config(_write(tmp_path, tiny_sd))
+
+
+def test_a_reference_family_takes_up_to_16_images_and_no_mask(tmp_path, tiny_sd, monkeypatch):
+    """No family of this module's catalog is a reference family yet: the test makes SD one."""
+    from serve_app import config as config_module
+
+    monkeypatch.setattr(config_module, "REFERENCE_FAMILIES", {"stable-diffusion"})
+    tiny_sd["edits"].update(max_input_images=16)
+    with pytest.raises(ConfigError, match=r"masks \(inpainting\) are not supported"):
+        load_model_config(_write(tmp_path, tiny_sd))
+    tiny_sd["edits"].update(inpainting=False)
+    config = load_model_config(_write(tmp_path, tiny_sd))
+    assert (config.reference_edits, config.edits.max_input_images, config.generations) == (True, 16, True)
+    tiny_sd.update(generations=False)
+    assert load_model_config(_write(tmp_path, tiny_sd)).generations is False
 
 
 def test_not_a_mapping(tmp_path):

@@ -119,7 +119,7 @@ def test_sdk_edit_one_file_with_extensions(ingress):
     assert job.mask is None and job.event_prefix == "image_edit"
     assert job.image_tokens == (384 // 16) * (256 // 16)
     assert response.usage.input_tokens_details.image_tokens == job.image_tokens
-    assert Image.open(io.BytesIO(job.init_image)).size == (384, 256)
+    assert Image.open(io.BytesIO(job.images[0])).size == (384, 256)
 
 
 def test_sdk_edit_with_mask_uses_the_inpaint_strength(ingress):
@@ -322,3 +322,139 @@ def test_json_mask_problems_name_the_mask_image_url(ingress):
                                        "mask": {"image_url": data_url(mask)}})
         assert error(response)["param"] == "mask.image_url", response.text
     assert jobs(ingress) == []
+
+
+# --- several input images (`image[]`, JSON `images`) and edit-only models -----------------
+
+
+@pytest.fixture
+def multi(tmp_path, monkeypatch):
+    """An ingress serving tiny-sd plus two models of a reference family taking up to 3 images:
+    `refs` (generations and edits) and `refs-edit-only` (generations: false). No family of this
+    commit's catalog takes references yet, so the test makes FLUX one (the HTTP side is all it
+    exercises: the handle records the job)."""
+    import yaml
+
+    from serve_app import config as config_module
+
+    monkeypatch.setattr(config_module, "REFERENCE_FAMILIES", {"flux"})
+    base = yaml.safe_load((config_module.PROJECT_ROOT / "models" / "tiny-flux.yaml").read_text())
+    paths = []
+    for model_id, extra in (("refs", {}), ("refs-edit-only", {"generations": False})):
+        data = {**base, **extra, "id": model_id, "edits": {**base["edits"], "max_input_images": 3, "inpainting": False}}
+        path = tmp_path / f"{model_id}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        paths.append(str(path))
+    config = AppConfig.from_args({"models": ["tiny-sd", *paths], "storage": str(tmp_path / "images")}, env={})
+    ingress = ImageIngress.func_or_class.__new__(ImageIngress.func_or_class)
+    ingress.config, ingress.models = config, config.load_models()
+    ingress.handles = {model_id: Handle() for model_id in ingress.models}
+    ingress.keys, ingress.metrics, ingress.idempotency = ApiKeys(["sk-1"]), Metrics(), None
+    ingress.drain, ingress.readiness = DrainState(None), Ready()
+    return ingress
+
+
+def colored(width: int, height: int, color: tuple[int, int, int], fmt: str = "PNG", mode: str = "RGB") -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, (width, height), color).save(out, format=fmt)
+    return out.getvalue()
+
+
+THREE = [colored(320, 192, (255, 0, 0)), colored(64, 96, (0, 255, 0), "JPEG"), colored(128, 128, (0, 0, 255), "WEBP")]
+
+
+def sizes_and_colors(job: GenerationJob) -> list[tuple[tuple[int, int], str, tuple[int, int, int]]]:
+    opened = [Image.open(io.BytesIO(data)) for data in job.images]
+    return [(image.size, image.mode, tuple(round(c / 64) for c in image.getpixel((5, 5)))) for image in opened]
+
+
+EXPECTED = [((320, 192), "RGB", (4, 0, 0)), ((64, 96), "RGB", (0, 4, 0)), ((128, 128), "RGB", (0, 0, 4))]
+
+
+def test_sdk_list_of_images_reaches_the_job_in_order_at_their_own_sizes(multi):
+    response = sdk(multi, lambda c: c.images.edit(model="refs", image=THREE, prompt="the three of them",
+                                                  response_format="b64_json"))
+    validate(response.model_dump(exclude_none=True), "ImagesResponse")
+    [job] = multi.handles["refs"].jobs
+    assert sizes_and_colors(job) == EXPECTED  # references: as uploaded, in request order
+    assert (job.width, job.height) == (448, 256)  # size auto: the first image's 320x192, on the model's rule
+    assert (job.strength, job.mask) == (1.0, None)
+    tokens = (320 // 16) * (192 // 16) + (64 // 16) * (96 // 16) + (128 // 16) * (128 // 16)
+    assert job.image_tokens == tokens == response.usage.input_tokens_details.image_tokens
+
+
+def test_json_images_list_in_order(multi):
+    body = {"model": "refs", "prompt": "x", "images": [{"image_url": data_url(data)} for data in THREE]}
+    response = post(multi, json=body)
+    assert response.status_code == 200, response.text
+    validate(response.json(), "ImagesResponse")
+    assert sizes_and_colors(multi.handles["refs"].jobs[0]) == EXPECTED
+
+
+def test_one_image_family_still_gets_its_first_image_at_the_output_size(multi):
+    sdk(multi, lambda c: c.images.edit(model="tiny-sd", image=THREE[0], prompt="x", size="256x256"))
+    [job] = multi.handles["tiny-sd"].jobs
+    assert [Image.open(io.BytesIO(d)).size for d in job.images] == [(256, 256)]
+    assert job.image_tokens == 16 * 16
+
+
+def test_more_images_than_the_card_allows_is_400_image_or_images(multi):
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk(multi, lambda c: c.images.edit(model="refs", image=[*THREE, THREE[0]], prompt="x"))
+    assert caught.value.body["param"] == "image" and "at most 3" in caught.value.body["message"]
+    body = {"model": "refs", "prompt": "x", "images": [{"image_url": data_url(THREE[0])}] * 4}
+    assert error(post(multi, json=body))["param"] == "images"
+    assert multi.handles["refs"].jobs == []
+
+
+@pytest.mark.parametrize(("second", "code"), [(b"GIF89a not one", "invalid_image_format"),
+                                              (THREE[0][:60], "invalid_image"),
+                                              (colored(1800, 1100, (0, 0, 0)), "image_too_large")])
+def test_each_image_is_checked_and_named(multi, second, code):
+    response = post(multi, data={"model": "refs", "prompt": "x"},
+                    files=[("image[]", ("a", THREE[0])), ("image[]", ("b", second))])
+    assert (error(response)["param"], error(response)["code"]) == ("image[1]", code)
+    body = {"model": "refs", "prompt": "x", "images": [{"image_url": data_url(d)} for d in (THREE[0], second)]}
+    assert error(post(multi, json=body))["param"] == "images[1].image_url"
+    assert multi.handles["refs"].jobs == []
+
+
+def test_a_reference_model_takes_no_mask_and_no_strength(multi):
+    files = [("image[]", ("a", THREE[0])), ("image[]", ("b", THREE[1])), ("mask", ("m", mask_png(320, 192)))]
+    assert error(post(multi, data={"model": "refs", "prompt": "x"}, files=files))["param"] == "mask"
+    response = post(multi, data={"model": "refs", "prompt": "x", "strength": "0.5"}, files=files[:2])
+    assert "strength does not apply" in error(response)["message"]
+    assert multi.handles["refs"].jobs == []
+
+
+def test_generations_on_an_edit_only_model_name_the_edits_route(multi):
+    response = post(multi, path="/v1/images/generations", json={"model": "refs-edit-only", "prompt": "x"})
+    body = error(response)
+    assert body["param"] == "model" and "/v1/images/edits" in body["message"]
+    sdk(multi, lambda c: c.images.edit(model="refs-edit-only", image=THREE[:2], prompt="x"))
+    assert len(multi.handles["refs-edit-only"].jobs) == 1
+    post(multi, path="/v1/images/generations", json={"model": "refs", "prompt": "x"})
+    assert len(multi.handles["refs"].jobs) == 1
+
+
+def test_cards_say_what_each_model_takes(multi):
+    async def go():
+        transport = httpx.ASGITransport(app=create_api(multi))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            listed = await http.get("/v1/models", headers={"authorization": "Bearer sk-1"})
+            return {card["id"]: card for card in listed.json()["data"]}
+
+    cards = asyncio.run(go())
+    keys = ("supports_generation", "supports_edits", "supports_inpainting", "max_input_images")
+    assert [cards["tiny-sd"][k] for k in keys] == [True, True, True, 1]
+    assert [cards["refs"][k] for k in keys] == [True, True, False, 3]
+    assert [cards["refs-edit-only"][k] for k in keys] == [False, True, False, 3]
+
+
+def test_the_edit_body_limit_follows_the_served_models_images(multi):
+    from serve_app.api import uploads
+
+    limit = uploads.edit_body_limit(3)
+    assert limit == 4 * 50 * 1024 * 1024 * 4 // 3 + 1024 * 1024
+    response = post(multi, content=b"", headers={"content-length": str(limit + 1)})
+    assert str(limit) in error(response, 413)["message"]

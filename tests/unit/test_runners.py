@@ -163,3 +163,17 @@ def test_counting_tokens_on_another_thread_never_changes_an_encoded_prompt():
         counter.join()
     assert lengths == {runner.max_sequence_length}
     assert len(counts) == 1  # and the count itself never saw the encoder's padding
+
+
+def test_image_spec_image_is_the_first_of_images():
+    """`image` (what the one-image families edit from) and `images` (every input) stay one truth."""
+    from PIL import Image
+
+    from serve_app.engine.runners.base import ImageSpec
+
+    a, b = Image.new("RGB", (8, 8)), Image.new("RGB", (16, 8))
+    assert ImageSpec("p", None, 64, 64, 2, 1.0, 0, images=(a, b)).image is a
+    assert ImageSpec("p", None, 64, 64, 2, 1.0, 0, image=a).images == (a,)
+    assert ImageSpec("p", None, 64, 64, 2, 1.0, 0).images == ()
+    with pytest.raises(ValueError, match="images"):
+        ImageSpec("p", None, 64, 64, 2, 1.0, 0, image=b, images=(a, b))

@@ -106,7 +106,7 @@ def test_count_bounds():
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
 def test_first_image_becomes_rgb_png_at_the_output_size(fmt):
     edit = uploads.prepare([Upload("image", rgb(64, 48, fmt))], None, width=128, height=64, max_pixels=MAX_PIXELS)
-    image = Image.open(io.BytesIO(edit.init_image))
+    image = Image.open(io.BytesIO(edit.images[0]))
     assert (image.format, image.mode, image.size) == ("PNG", "RGB", (128, 64))
     assert edit.mask is None
     assert edit.image_tokens == (128 // 16) * (64 // 16)
@@ -243,7 +243,7 @@ def test_jpeg_exif_orientation_is_applied_and_auto_size_follows_it():
     upload = Upload("image", out.getvalue())
     assert uploads.input_size([upload], MAX_PIXELS) == (48, 64)
     edit = uploads.prepare([upload], Upload("mask", alpha_mask(48, 64)), width=48, height=64, max_pixels=MAX_PIXELS)
-    assert Image.open(io.BytesIO(edit.init_image)).size == (48, 64)
+    assert Image.open(io.BytesIO(edit.images[0])).size == (48, 64)
 
 
 def test_fetch_has_one_deadline_for_the_whole_transfer():
@@ -272,7 +272,21 @@ def test_sixteen_bit_gray_images_and_masks_are_scaled_not_clipped():
     Image.fromarray(values).save(masked, format="PNG", transparency=1000)
     edit = uploads.prepare([uploads.Upload("image", image.getvalue())], uploads.Upload("mask", masked.getvalue()),
                            width=64, height=64, max_pixels=64 * 64)
-    init = np.asarray(Image.open(io.BytesIO(edit.init_image)).convert("L"))
+    init = np.asarray(Image.open(io.BytesIO(edit.images[0])).convert("L"))
     assert (init[0, 0], init[0, 63]) == (1000 // 257, 40000 // 257)
     mask = np.asarray(Image.open(io.BytesIO(edit.mask)))
     assert (mask[:, :32] == 255).all() and (mask[:, 32:] == 0).all()  # transparent = repaint
+
+
+def test_references_stay_at_their_own_size_in_order_as_rgb():
+    """A reference family's images travel as uploaded (upright, RGB), each at its own size: its
+    pipeline resizes references itself. Image tokens count every one."""
+    first, second = rgb(64, 48, "WEBP"), Image.new("RGBA", (32, 80), (0, 0, 255, 0))
+    out = io.BytesIO()
+    second.save(out, format="PNG")
+    edit = uploads.prepare([Upload("image[0]", first), Upload("image[1]", out.getvalue())], None,
+                           width=256, height=256, max_pixels=MAX_PIXELS, references=True)
+    opened = [Image.open(io.BytesIO(data)) for data in edit.images]
+    assert [(i.format, i.mode, i.size) for i in opened] == [("PNG", "RGB", (64, 48)), ("PNG", "RGB", (32, 80))]
+    assert opened[1].getpixel((0, 0)) == (0, 0, 255)
+    assert edit.image_tokens == (64 // 16) * (48 // 16) + (32 // 16) * (80 // 16)

@@ -44,11 +44,24 @@ class ImageSpec:
     steps: int
     guidance: float
     seed: int
-    # Edits: the input image (PIL, RGB, width x height), the mask (PIL, L, 255 = repaint,
-    # 0 = keep: diffusers' convention) and the strength; None/None/1.0 for a generation.
+    # Edits: the first input image (PIL, RGB), the mask (PIL, L, width x height, 255 = repaint,
+    # 0 = keep: diffusers' convention) and the strength; None/None/1.0 for a generation. The
+    # families that edit from one image (SD, SDXL, SD3, FLUX.1) start from `image`, already
+    # width x height; reference families (config.REFERENCE_FAMILIES) condition on every image of
+    # `images`, each at its own size (their pipelines resize references themselves).
     image: Any = None
     mask: Any = None
     strength: float = 1.0
+    images: tuple[Any, ...] = ()  # every input image, in request order; images[0] is `image`
+
+    def __post_init__(self) -> None:
+        # One source of truth for the first image, whichever of the two fields the caller gave.
+        if self.images:
+            if self.image is not None and self.image is not self.images[0]:
+                raise ValueError("ImageSpec: image must be images[0]")
+            object.__setattr__(self, "image", self.images[0])
+        elif self.image is not None:
+            object.__setattr__(self, "images", (self.image,))
 
 
 @dataclass(eq=False)
