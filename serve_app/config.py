@@ -137,6 +137,8 @@ class Limits(Strict):
     max_inference_steps: int = Field(100, gt=0, description="Cap on num_inference_steps.")
     min_guidance_scale: float = Field(0.0, ge=0, description="Floor on guidance_scale.")
     max_guidance_scale: float = Field(30.0, ge=0, description="Cap on guidance_scale.")
+    min_inference_steps: int = Field(
+        1, gt=0, description="Floor on num_inference_steps (Qwen-Image's terminal-shifted schedule needs 2).")
 
 
 class EditSettings(Strict):
@@ -154,6 +156,12 @@ class EditSettings(Strict):
     )
     inpaint_strength: float = Field(1.0, gt=0, le=1, description="Strength of an edit with a mask, in the masked area.")
     variation_strength: float = Field(0.75, gt=0, le=1, description="Strength of a variation (no prompt).")
+    reference_pixels: int | None = Field(
+        None, gt=0,
+        description="Qwen-Image-Edit: the area (W*H) each input image is resized to, its aspect kept, before the "
+        "VAE makes its reference latents (area / 256 tokens per image in every step). Default: the pipeline's own, "
+        "1024x1024; the tiny model uses 256x256 so that CPU tests stay fast.",
+    )
 
 
 class Batching(Strict):

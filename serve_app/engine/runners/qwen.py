@@ -66,11 +66,15 @@ class QwenImageRunner(Runner):
 
     def initial_state(self, spec: ImageSpec, cond: dict[str, Any]) -> DenoiseState:
         generator = self.generator(spec)
-        latents = self.pipe.prepare_latents(1, self.pipe.transformer.config.in_channels // 4, spec.height, spec.width,
-                                            cond["prompt"].dtype, self.device, generator)
+        latents = self.noise(spec, cond["prompt"].dtype, generator)
         sigmas = np.linspace(1.0, 1 / spec.steps, spec.steps)
         scheduler, timesteps = self.schedule(spec, sigmas=sigmas, **self.resolution_shift(latents.shape[1]))
         return DenoiseState(spec, generator, scheduler, timesteps, latents, cond)
+
+    def noise(self, spec: ImageSpec, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+        """The first latents, packed: the pipeline's draw from the request's own generator."""
+        return self.pipe.prepare_latents(1, self.pipe.transformer.config.in_channels // 4, spec.height, spec.width,
+                                         dtype, self.device, generator)
 
     def schedule(self, spec: ImageSpec, **kwargs: Any) -> tuple[Any, torch.Tensor]:
         # The whole schedule, for edits too: Edit Plus starts from noise (no strength).
@@ -139,7 +143,7 @@ class QwenImageEditRunner(QwenImageRunner):
         super().__init__(pipeline, model, device)
         module = sys.modules[type(pipeline).__module__]  # the pipeline's own areas
         self.condition_pixels: int = module.CONDITION_IMAGE_SIZE
-        self.reference_pixels: int = getattr(model.edits, "reference_pixels", None) or module.VAE_IMAGE_SIZE
+        self.reference_pixels: int = model.edits.reference_pixels or module.VAE_IMAGE_SIZE
 
     def batch_key(self, spec: ImageSpec) -> Hashable:
         return (*super().batch_key(spec), tuple(self.reference_size(image) for image in spec.images))
@@ -165,6 +169,11 @@ class QwenImageEditRunner(QwenImageRunner):
             raise ValueError("Qwen-Image-Edit needs at least one input image")
         cond = super().encode(spec)
         return {**cond, "references": self.encode_references(spec, cond["prompt"].dtype)}
+
+    def noise(self, spec: ImageSpec, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+        # Edit Plus's prepare_latents takes the references first (None: only the noise).
+        return self.pipe.prepare_latents(None, 1, self.pipe.transformer.config.in_channels // 4, spec.height,
+                                         spec.width, dtype, self.device, generator)[0]
 
     def condition_images(self, spec: ImageSpec) -> list[Image.Image]:
         # As the pipeline: each image at the condition area, its aspect kept (multiples of 32).
