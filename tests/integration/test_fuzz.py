@@ -40,14 +40,14 @@ sent: list[int] = []
 sent_edits: list[int] = []
 
 
-def openai_document(paths: dict[str, dict[str, str]]) -> dict:
+def openai_document(paths: dict[str, dict[str, str]], models: tuple[str, ...] = (MODEL,)) -> dict:
     """An OpenAPI document of `paths` ({route: {media type: request schema}}) over the published
-    components, each request schema's `model` pinned to MODEL."""
+    components, each request schema's `model` pinned to `models`."""
     published = json.loads(SCHEMA_FILE.read_text())
     components = copy.deepcopy(published["components"])
     for content in paths.values():
         for name in content.values():
-            components["schemas"][name]["properties"]["model"] = {"type": "string", "enum": [MODEL]}
+            components["schemas"][name]["properties"]["model"] = {"type": "string", "enum": list(models)}
     return {
         "openapi": "3.0.3",  # the published schemas use 3.0's `nullable`
         "info": {"title": "OpenAI Images", "version": "published"},
@@ -60,8 +60,8 @@ def openai_document(paths: dict[str, dict[str, str]]) -> dict:
     }
 
 
-def fuzz_schema(paths: dict[str, dict[str, str]], max_examples: int):
-    loaded = schemathesis.openapi.from_dict(openai_document(paths))
+def fuzz_schema(paths: dict[str, dict[str, str]], max_examples: int, models: tuple[str, ...] = (MODEL,)):
+    loaded = schemathesis.openapi.from_dict(openai_document(paths, models))
     loaded.config.phases.update(phases=["examples", "coverage", "fuzzing"])
     loaded.config.generation.update(
         modes=[schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE],
@@ -75,6 +75,14 @@ edit_schema = fuzz_schema({
     "/v1/images/edits": {"multipart/form-data": "CreateImageEditRequest", "application/json": "EditImageBodyJsonParam"},
     "/v1/images/variations": {"multipart/form-data": "CreateImageVariationRequest"},
 }, 200)
+# The Qwen-Image family's routes, smaller runs (their steps cost more): generations on both models (the
+# edit-only one must refuse them with a 400), edits on Edit Plus (up to 3 references, no mask).
+QWEN = ("tiny-qwen-image", "tiny-qwen-image-edit")
+qwen_schema = fuzz_schema({"/v1/images/generations": {"application/json": "CreateImageRequest"}}, 25, QWEN)
+qwen_edit_schema = fuzz_schema({
+    "/v1/images/edits": {"multipart/form-data": "CreateImageEditRequest", "application/json": "EditImageBodyJsonParam"},
+}, 25, QWEN[1:])
+sent_qwen: list[int] = []
 
 
 def _png() -> bytes:
@@ -128,6 +136,26 @@ def test_openai_edit_schema_fuzz(case, server):
     check(case, response)
 
 
+@qwen_schema.parametrize()
+@settings(deadline=None, suppress_health_check=list(HealthCheck))
+def test_qwen_schema_fuzz(case, server):
+    if isinstance(case.body, dict):
+        case.body = cheap(case.body, steps=2)  # the family's fewest steps
+    response = case.call(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
+    sent_qwen.append(response.status_code)
+    check(case, response)
+
+
+@qwen_edit_schema.parametrize()
+@settings(deadline=None, suppress_health_check=list(HealthCheck))
+def test_qwen_edit_schema_fuzz(case, server):
+    if isinstance(case.body, dict):
+        case.body = real_image(cheap(case.body, steps=2))
+    response = case.call(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
+    sent_qwen.append(response.status_code)
+    check(case, response)
+
+
 def check(case, response) -> None:
     assert response.status_code < 500, (case.body, response.text[:500])
     if response.status_code >= 400:
@@ -157,3 +185,11 @@ def test_fuzzing_ran_enough_cases():
     print(f"edit fuzz: {len(sent_edits)} cases, statuses {edits}")
     assert len(sent_edits) >= MIN_EDIT_CASES, edits
     assert 200 in edits and 400 in edits
+
+
+def test_qwen_fuzzing_ran():
+    """Runs after the Qwen fuzz tests (file order): their routes saw valid and invalid bodies."""
+    statuses = {s: sent_qwen.count(s) for s in sorted(set(sent_qwen))}
+    print(f"qwen fuzz: {len(sent_qwen)} cases, statuses {statuses}")
+    assert len(sent_qwen) >= 100, statuses
+    assert 200 in statuses and 400 in statuses
