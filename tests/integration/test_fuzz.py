@@ -78,10 +78,10 @@ edit_schema = fuzz_schema({
 # The Qwen-Image family's routes, smaller runs (their steps cost more): generations on both models (the
 # edit-only one must refuse them with a 400), edits on Edit Plus (up to 3 references, no mask).
 QWEN = ("tiny-qwen-image", "tiny-qwen-image-edit")
-qwen_schema = fuzz_schema({"/v1/images/generations": {"application/json": "CreateImageRequest"}}, 25, QWEN)
+qwen_schema = fuzz_schema({"/v1/images/generations": {"application/json": "CreateImageRequest"}}, 15, QWEN)
 qwen_edit_schema = fuzz_schema({
     "/v1/images/edits": {"multipart/form-data": "CreateImageEditRequest", "application/json": "EditImageBodyJsonParam"},
-}, 25, QWEN[1:])
+}, 15, QWEN[1:])
 sent_qwen: list[int] = []
 
 
@@ -119,40 +119,35 @@ def real_image(body):
 @schema.parametrize()
 @settings(deadline=None, suppress_health_check=list(HealthCheck))
 def test_openai_schema_fuzz(case, server):
-    if isinstance(case.body, dict):
-        case.body = cheap(case.body)
-    response = case.call(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
-    sent.append(response.status_code)
-    check(case, response)
+    send(case, server, sent, steps=1)
 
 
 @edit_schema.parametrize()
 @settings(deadline=None, suppress_health_check=list(HealthCheck))
 def test_openai_edit_schema_fuzz(case, server):
-    if isinstance(case.body, dict):
-        case.body = real_image(cheap(case.body, steps=2))  # 2 x the edit strengths runs a step
-    response = case.call(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
-    sent_edits.append(response.status_code)
-    check(case, response)
+    send(case, server, sent_edits, steps=2, files=True)  # 2 x the edit strengths runs a step
 
 
 @qwen_schema.parametrize()
 @settings(deadline=None, suppress_health_check=list(HealthCheck))
 def test_qwen_schema_fuzz(case, server):
-    if isinstance(case.body, dict):
-        case.body = cheap(case.body, steps=2)  # the family's fewest steps
-    response = case.call(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
-    sent_qwen.append(response.status_code)
-    check(case, response)
+    send(case, server, sent_qwen, steps=2)  # the family's fewest steps
 
 
 @qwen_edit_schema.parametrize()
 @settings(deadline=None, suppress_health_check=list(HealthCheck))
 def test_qwen_edit_schema_fuzz(case, server):
+    send(case, server, sent_qwen, steps=2, files=True)
+
+
+def send(case, server, statuses: list[int], steps: int, files: bool = False) -> None:
+    """Make the case cheap (and, for file routes, half of its images real), send it, check it."""
     if isinstance(case.body, dict):
-        case.body = real_image(cheap(case.body, steps=2))
+        case.body = cheap(case.body, steps)
+        if files:
+            case.body = real_image(case.body)
     response = case.call(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
-    sent_qwen.append(response.status_code)
+    statuses.append(response.status_code)
     check(case, response)
 
 
@@ -191,5 +186,5 @@ def test_qwen_fuzzing_ran():
     """Runs after the Qwen fuzz tests (file order): their routes saw valid and invalid bodies."""
     statuses = {s: sent_qwen.count(s) for s in sorted(set(sent_qwen))}
     print(f"qwen fuzz: {len(sent_qwen)} cases, statuses {statuses}")
-    assert len(sent_qwen) >= 100, statuses
+    assert len(sent_qwen) >= 60, statuses
     assert 200 in statuses and 400 in statuses
