@@ -96,13 +96,14 @@ def at_full_size() -> None:
     pipeline = full_size.build_pipeline("qwen-image-edit", "meta", torch.bfloat16)
     runner = QwenImageEditRunner(pipeline, load_model_config(ROOT / "models" / "qwen-image-edit.yaml"), "meta")
     photo = Image.new("RGB", (1024, 1024), (90, 120, 150))
-    print("\n| input images | image tokens | text tokens | tokens per row | step TFLOPs (2 rows: true CFG) | vs 0 |")
+    print("\n| input images (0: a generation's shape) | image tokens | text tokens | tokens per row "
+          "| step TFLOPs (2 rows: true CFG) | vs 0 |")
     print("|---:|---:|---:|---:|---:|---:|")
     baseline = None
     for count in (0, 1, 3):
         images = (photo,) * count
         spec = ImageSpec("replace the sky with a sunset", " ", 1024, 1024, 40, 4.0, 1, images=images)
-        image_tokens = sum(h * w for _, h, w in runner.img_shapes(_State(spec))[0]) if count else 64 * 64
+        image_tokens = sum(h * w for _, h, w in runner.img_shapes(spec)[0])
         conditions = runner.condition_images(spec) if count else None
         template = pipeline.prompt_template_encode
         pictures = "".join(f"Picture {i + 1}: <|vision_start|><|image_pad|><|vision_end|>" for i in range(count))
@@ -114,19 +115,12 @@ def at_full_size() -> None:
                 hidden_states=torch.zeros(2, image_tokens, 64, device="meta", dtype=torch.bfloat16),
                 timestep=torch.full((2,), 0.5, device="meta", dtype=torch.bfloat16),
                 encoder_hidden_states=torch.zeros(2, text_tokens, 3584, device="meta", dtype=torch.bfloat16),
-                img_shapes=runner.img_shapes(_State(spec)) * 2 if count else [[(1, 64, 64)]] * 2, return_dict=False)
+                img_shapes=runner.img_shapes(spec) * 2, return_dict=False)
         assert out.shape[1] == image_tokens
         tflops = step_tflops(image_tokens, text_tokens, rows=2)
         baseline = baseline or tflops
         print(f"| {count} | {image_tokens} | {text_tokens} | {image_tokens + text_tokens} | {tflops:.1f} | "
               f"{tflops / baseline:.2f}x |")
-
-
-class _State:
-    """What `img_shapes` reads of a DenoiseState."""
-
-    def __init__(self, spec: ImageSpec):
-        self.spec = spec
 
 
 def main() -> None:

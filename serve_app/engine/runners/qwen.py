@@ -32,6 +32,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage import retrieve_timesteps
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
 from PIL import Image
 
+from serve_app.config import ModelConfig
 from serve_app.engine.runners.base import DenoiseState, ImageSpec, Runner
 from serve_app.engine.runners.flow import FlowRunner
 
@@ -96,7 +97,7 @@ class QwenImageRunner(Runner):
             timestep=self.timesteps_of(states, rows).to(latents.dtype) / 1000,
             encoder_hidden_states=text,
             encoder_hidden_states_mask=text_mask,
-            img_shapes=self.img_shapes(states[0]) * (count * rows),
+            img_shapes=self.img_shapes(states[0].spec) * (count * rows),
             attention_kwargs={},
             return_dict=False,
         )[0][:, : latents.shape[1]]  # the references' predictions are not stepped
@@ -117,10 +118,10 @@ class QwenImageRunner(Runner):
         """The transformer's image tokens: the latents (Edit Plus appends the references')."""
         return latents
 
-    def img_shapes(self, state: DenoiseState) -> list[list[tuple[int, int, int]]]:
+    def img_shapes(self, spec: ImageSpec) -> list[list[tuple[int, int, int]]]:
         """One row's RoPE layout: (frames, rows, columns) of 2x2 patches per image segment."""
         side = self.pipe.vae_scale_factor * 2
-        return [[(1, state.spec.height // side, state.spec.width // side)]]
+        return [[(1, spec.height // side, spec.width // side)]]
 
     estimate = FlowRunner.estimate  # x0 = x_t - sigma * v
 
@@ -131,6 +132,7 @@ class QwenImageRunner(Runner):
         latents = latents.to(vae.dtype)
         shape = (1, vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+        # Divided by 1/std, not multiplied by std: the pipeline's arithmetic, so its rounding too.
         inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
         image = vae.decode(latents / inverse_std + mean, return_dict=False)[0][:, :, 0]  # one frame
         return self.pipe.image_processor.postprocess(image, output_type="pil")
@@ -139,7 +141,7 @@ class QwenImageRunner(Runner):
 class QwenImageEditRunner(QwenImageRunner):
     """Edit Plus: `spec.images` (1-3, each at its own size) condition the prompt and the steps."""
 
-    def __init__(self, pipeline: Any, model: Any, device: str):
+    def __init__(self, pipeline: Any, model: ModelConfig, device: str):
         super().__init__(pipeline, model, device)
         module = sys.modules[type(pipeline).__module__]  # the pipeline's own areas
         self.condition_pixels: int = module.CONDITION_IMAGE_SIZE
@@ -202,10 +204,10 @@ class QwenImageEditRunner(QwenImageRunner):
     def with_references(self, states: list[DenoiseState], latents: torch.Tensor) -> torch.Tensor:
         return torch.cat([latents, torch.cat([s.cond["references"] for s in states])], dim=1)
 
-    def img_shapes(self, state: DenoiseState) -> list[list[tuple[int, int, int]]]:
+    def img_shapes(self, spec: ImageSpec) -> list[list[tuple[int, int, int]]]:
         side = self.pipe.vae_scale_factor * 2
-        references = [(1, h // side, w // side) for w, h in map(self.reference_size, state.spec.images)]
-        return [[*super().img_shapes(state)[0], *references]]
+        references = [(1, h // side, w // side) for w, h in map(self.reference_size, spec.images)]
+        return [[*super().img_shapes(spec)[0], *references]]
 
 
 def padded(texts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
