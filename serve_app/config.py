@@ -19,12 +19,14 @@ SIZE_PATTERN = re.compile(r"^([1-9][0-9]{1,4})x([1-9][0-9]{1,4})$")
 # "generic": any other diffusers text-to-image pipeline, called with the standard arguments
 # (its patching rule, if any, goes in sizes.multiple_of).
 FAMILY_SIZE_MULTIPLE = {"stable-diffusion": 8, "stable-diffusion-xl": 8, "stable-diffusion-3": 16, "flux": 16,
-                        "generic": 8, "flux2": 16}
-Family = Literal["stable-diffusion", "stable-diffusion-xl", "stable-diffusion-3", "flux", "generic", "flux2"]
+                        "generic": 8, "flux2": 16, "qwen-image": 16, "qwen-image-edit": 16}
+Family = Literal["stable-diffusion", "stable-diffusion-xl", "stable-diffusion-3", "flux", "generic", "flux2",
+                 "qwen-image", "qwen-image-edit"]
 # Families whose edits condition on every input image as a reference (its own tokens, at its own
 # size: the pipeline resizes it), generating from noise: several images, no strength, no mask.
 # Every other family edits from one image: image-to-image or inpainting from the first.
-REFERENCE_FAMILIES: set[str] = {"flux2"}
+# (FLUX.2; Qwen-Image-Edit Plus: 1-3 references. Qwen-Image itself only generates.)
+REFERENCE_FAMILIES: set[str] = {"flux2", "qwen-image-edit"}
 # What a reference family's pipeline requires of each reference: the shortest side in pixels and
 # the largest aspect ratio (FLUX.2: Flux2ImageProcessor.check_image_input). Checked from the header.
 REFERENCE_SHAPE: dict[str, tuple[int, float]] = {"flux2": (64, 8.0)}
@@ -136,6 +138,8 @@ class Limits(Strict):
     max_inference_steps: int = Field(100, gt=0, description="Cap on num_inference_steps.")
     min_guidance_scale: float = Field(0.0, ge=0, description="Floor on guidance_scale.")
     max_guidance_scale: float = Field(30.0, ge=0, description="Cap on guidance_scale.")
+    min_inference_steps: int = Field(
+        1, gt=0, description="Floor on num_inference_steps (Qwen-Image's terminal-shifted schedule needs 2).")
 
 
 class EditSettings(Strict):
@@ -153,6 +157,12 @@ class EditSettings(Strict):
     )
     inpaint_strength: float = Field(1.0, gt=0, le=1, description="Strength of an edit with a mask, in the masked area.")
     variation_strength: float = Field(0.75, gt=0, le=1, description="Strength of a variation (no prompt).")
+    reference_pixels: int | None = Field(
+        None, gt=0,
+        description="Qwen-Image-Edit: the area (W*H) each input image is resized to, its aspect kept, before the "
+        "VAE makes its reference latents (area / 256 tokens per image in every step). Default: the pipeline's own, "
+        "1024x1024; the tiny model uses 256x256 so that CPU tests stay fast.",
+    )
 
 
 class Batching(Strict):

@@ -127,6 +127,11 @@ def resolve_job(
             f"'{model.id}'.",
             param="num_inference_steps",
         )
+    if steps < limits.min_inference_steps:
+        raise InvalidRequestError(
+            f"num_inference_steps must be at least {limits.min_inference_steps} for model '{model.id}'.",
+            param="num_inference_steps",
+        )
     if request.guidance_scale is not None:
         guidance = request.guidance_scale
         if not limits.min_guidance_scale <= guidance <= limits.max_guidance_scale:

@@ -23,10 +23,13 @@ from pathlib import Path
 
 import torch
 
+from serve_app.engine.qwen_vl import ImageOnlyQwen2VLProcessor
 from serve_app.engine.tiny import _tokenizer
+from serve_app.engine.tiny_qwen import qwen_tokenizer
 
 ARCHITECTURES = Path(__file__).with_name("architectures")
-CATALOG = ("flux-dev", "flux-schnell", "sdxl", "sdxl-turbo", "sd3.5-large", "flux2-dev", "flux2-klein-4b")
+CATALOG = ("flux-dev", "flux-schnell", "sdxl", "sdxl-turbo", "sd3.5-large", "flux2-dev", "flux2-klein-4b",
+           "qwen-image", "qwen-image-edit", "z-image-turbo")
 # Pipeline components that hold weights, in the order the tables print them.
 WEIGHTED = ("transformer", "unet", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
 
@@ -68,8 +71,16 @@ def build_component(model_id: str, name: str, device: str = "meta", dtype: torch
             from serve_app.engine.tiny_flux2 import chat_tokenizer
 
             return chat_tokenizer(config["model_max_length"], config["chat_template"])
+        if config["tokenizer_class"] == "Qwen2Tokenizer":  # Qwen-Image, Z-Image: byte-level BPE (tiny_qwen.py)
+            return qwen_tokenizer(config["model_max_length"])
         # CLIP wraps a prompt in start/end tokens; T5 only appends </s>.
         return _tokenizer(config["model_max_length"], bos_eos=config["tokenizer_class"] == "CLIPTokenizer")
+    if name == "processor":  # Qwen-Image-Edit's Qwen2-VL processor: the published image settings
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        settings = _read(model_id, "processor/preprocessor_config.json")
+        options = {k: v for k, v in settings.items() if not k.endswith(("_type", "_class"))}
+        return ImageOnlyQwen2VLProcessor(Qwen2VLImageProcessorPil(**options), qwen_tokenizer())
     if name == "scheduler":
         return getattr(diffusers, class_name).from_config(_read(model_id, "scheduler/scheduler_config.json"))
     config = _read(model_id, f"{name}/config.json")

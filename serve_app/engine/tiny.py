@@ -26,6 +26,7 @@ from transformers import (
     T5EncoderModel,
 )
 
+from serve_app.engine import tiny_qwen
 from serve_app.engine.tiny_flux2 import build_tiny_flux2
 
 logger = logging.getLogger(__name__)
@@ -267,9 +268,10 @@ TINY_BUILDERS: dict[str, Callable] = {
     "tiny-sd": build_tiny_sd, "tiny-sdxl": build_tiny_sdxl, "tiny-sd3": build_tiny_sd3, "tiny-flux": build_tiny_flux,
     "tiny-pixart": build_tiny_pixart,
     "tiny-flux2": build_tiny_flux2,
+    "tiny-qwen-image": tiny_qwen.build_tiny_qwen_image, "tiny-qwen-image-edit": tiny_qwen.build_tiny_qwen_image_edit,
 }
 # Bump when a builder changes, so caches built by older code are not reused.
-TINY_VERSION = "v2"
+TINY_VERSION = "v3"
 
 
 def default_cache_dir() -> Path:

@@ -28,12 +28,15 @@ class WeightsUnavailable(RuntimeError):
 def load_pipeline(model: ModelConfig, dtype):
     from diffusers import DiffusionPipeline
 
+    from serve_app.engine.qwen_vl import pipeline_overrides
+
     source = resolve_source(model)
     hub = source == model.source and not Path(source).is_absolute()
     try:
         return DiffusionPipeline.from_pretrained(
             source, torch_dtype=dtype, revision=model.revision if hub else None,
             token=os.environ.get("HF_TOKEN") or None, cache_dir=os.environ.get("ARTSERVE_HF_CACHE") or None,
+            **pipeline_overrides(model, source, hub),
         )
     except Exception as exc:
         if not hub:

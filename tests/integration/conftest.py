@@ -29,6 +29,8 @@ SIGNING_KEY = "integration-signing-key"
 STARTUP_TIMEOUT_S = 240
 # Served only in the tests (the dev config has tiny-sd and tiny-flux).
 EXTRA_FAMILIES = ["tiny-sdxl", "tiny-sd3", "tiny-pixart", "tiny-flux2"]
+# The Qwen-Image family (generation; Edit Plus, edits only): warmed up with 2 steps (their minimum).
+QWEN_MODELS = ["tiny-qwen-image", "tiny-qwen-image-edit"]
 
 
 def _free_port() -> int:
@@ -70,7 +72,7 @@ def _models_dir(work: Path) -> Path:
             },
         }
         (models / f"{model_id}.yaml").write_text(yaml.safe_dump(auto))
-    for model_id in EXTRA_FAMILIES:  # the repo's YAMLs, lighter on logical CPUs (2 in all here)
+    for model_id in [*EXTRA_FAMILIES, *QWEN_MODELS]:  # the repo's YAMLs, lighter on logical CPUs (2 in all here)
         extra = yaml.safe_load((ROOT / "models" / f"{model_id}.yaml").read_text())
         extra["deployment"] = {"ray_actor_options": {"num_cpus": 0.05}}
         (models / f"{model_id}.yaml").write_text(yaml.safe_dump(extra))
@@ -99,7 +101,27 @@ def _all_models_generate(base_url: str) -> bool:
             return False
         if r.status_code != 200:
             return False
-    return True
+    return _qwen_models_serve(base_url)
+
+
+def _qwen_models_serve(base_url: str) -> bool:
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(png, format="PNG")
+    headers, fields = {"Authorization": f"Bearer {API_KEY}"}, {"prompt": "warm-up", "num_inference_steps": "2",
+                                                                 "response_format": "b64_json"}
+    try:
+        generated = httpx.post(f"{base_url}/v1/images/generations", timeout=30, headers=headers,
+                               json={**fields, "model": "tiny-qwen-image", "num_inference_steps": 2})
+        edited = httpx.post(f"{base_url}/v1/images/edits", timeout=30, headers=headers,
+                            data={**fields, "model": "tiny-qwen-image-edit"},
+                            files={"image": ("warm.png", png.getvalue(), "image/png")})
+    except httpx.HTTPError:
+        return False
+    return generated.status_code == edited.status_code == 200
 
 
 class Server:
@@ -125,7 +147,7 @@ def server(tmp_path_factory) -> Server:
     storage = work / "images"
     app = config["applications"][0]
     app["args"]["models"] += ["tiny-sd-small", "tiny-broken", "tiny-flux-auto", "tiny-sd-auto", "tiny-sd-kill",
-                              *EXTRA_FAMILIES]
+                              *EXTRA_FAMILIES, *QWEN_MODELS]
     app["args"].update(models_dir=str(_models_dir(work)), storage=str(storage))
     # Two ingress replicas: Idempotency-Key must hold across them (test_idempotency.py).
     app["args"]["ingress"] = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.05}}

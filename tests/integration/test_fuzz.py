@@ -45,14 +45,14 @@ sent_edits: list[int] = []
 sent_references: list[int] = []
 
 
-def openai_document(paths: dict[str, dict[str, str]], model: str = MODEL) -> dict:
+def openai_document(paths: dict[str, dict[str, str]], models: tuple[str, ...] = (MODEL,)) -> dict:
     """An OpenAPI document of `paths` ({route: {media type: request schema}}) over the published
-    components, each request schema's `model` pinned to `model`."""
+    components, each request schema's `model` pinned to `models`."""
     published = json.loads(SCHEMA_FILE.read_text())
     components = copy.deepcopy(published["components"])
     for content in paths.values():
         for name in content.values():
-            components["schemas"][name]["properties"]["model"] = {"type": "string", "enum": [model]}
+            components["schemas"][name]["properties"]["model"] = {"type": "string", "enum": list(models)}
     return {
         "openapi": "3.0.3",  # the published schemas use 3.0's `nullable`
         "info": {"title": "OpenAI Images", "version": "published"},
@@ -65,9 +65,9 @@ def openai_document(paths: dict[str, dict[str, str]], model: str = MODEL) -> dic
     }
 
 
-def fuzz_schema(paths: dict[str, dict[str, str]], max_examples: int, model: str = MODEL,
+def fuzz_schema(paths: dict[str, dict[str, str]], max_examples: int, models: tuple[str, ...] = (MODEL,),
                 phases: tuple[str, ...] = ("examples", "coverage", "fuzzing")):
-    loaded = schemathesis.openapi.from_dict(openai_document(paths, model))
+    loaded = schemathesis.openapi.from_dict(openai_document(paths, models))
     loaded.config.phases.update(phases=list(phases))
     loaded.config.generation.update(
         modes=[schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE],
@@ -86,7 +86,15 @@ reference_schema = fuzz_schema({
     "/v1/images/generations": {"application/json": "CreateImageRequest"},
     "/v1/images/edits": {"multipart/form-data": "CreateImageEditRequest", "application/json": "EditImageBodyJsonParam"},
     "/v1/images/variations": {"multipart/form-data": "CreateImageVariationRequest"},
-}, 25, REFERENCE_MODEL, phases=("examples", "fuzzing"))
+}, 25, (REFERENCE_MODEL,), phases=("examples", "fuzzing"))
+# The Qwen-Image family's routes, smaller runs (their steps cost more): generations on both models (the
+# edit-only one must refuse them with a 400), edits on Edit Plus (up to 3 references, no mask).
+QWEN = ("tiny-qwen-image", "tiny-qwen-image-edit")
+qwen_schema = fuzz_schema({"/v1/images/generations": {"application/json": "CreateImageRequest"}}, 15, QWEN)
+qwen_edit_schema = fuzz_schema({
+    "/v1/images/edits": {"multipart/form-data": "CreateImageEditRequest", "application/json": "EditImageBodyJsonParam"},
+}, 15, QWEN[1:])
+sent_qwen: list[int] = []
 
 
 def _png() -> bytes:
@@ -123,20 +131,35 @@ def real_image(body):
 @schema.parametrize()
 @settings(deadline=None, suppress_health_check=list(HealthCheck))
 def test_openai_schema_fuzz(case, server):
-    if isinstance(case.body, dict):
-        case.body = cheap(case.body)
-    response = case.call(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
-    sent.append(response.status_code)
-    check(case, response)
+    send(case, server, sent, steps=1)
 
 
 @edit_schema.parametrize()
 @settings(deadline=None, suppress_health_check=list(HealthCheck))
 def test_openai_edit_schema_fuzz(case, server):
+    send(case, server, sent_edits, steps=2, files=True)  # 2 x the edit strengths runs a step
+
+
+@qwen_schema.parametrize()
+@settings(deadline=None, suppress_health_check=list(HealthCheck))
+def test_qwen_schema_fuzz(case, server):
+    send(case, server, sent_qwen, steps=2)  # the family's fewest steps
+
+
+@qwen_edit_schema.parametrize()
+@settings(deadline=None, suppress_health_check=list(HealthCheck))
+def test_qwen_edit_schema_fuzz(case, server):
+    send(case, server, sent_qwen, steps=2, files=True)
+
+
+def send(case, server, statuses: list[int], steps: int, files: bool = False) -> None:
+    """Make the case cheap (and, for file routes, half of its images real), send it, check it."""
     if isinstance(case.body, dict):
-        case.body = real_image(cheap(case.body, steps=2))  # 2 x the edit strengths runs a step
+        case.body = cheap(case.body, steps)
+        if files:
+            case.body = real_image(case.body)
     response = case.call(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
-    sent_edits.append(response.status_code)
+    statuses.append(response.status_code)
     check(case, response)
 
 
@@ -187,3 +210,10 @@ def test_reference_model_fuzzing_ran_enough_cases():
     if not sent_references:
         pytest.fail("the reference model's fuzz test did not run first")
     ran_enough(f"{REFERENCE_MODEL} fuzz", sent_references, MIN_REFERENCE_CASES)
+
+
+def test_qwen_fuzzing_ran():
+    """Runs after the Qwen fuzz tests (file order): their routes saw valid and invalid bodies."""
+    if not sent_qwen:
+        pytest.fail("the Qwen fuzz tests did not run first")
+    ran_enough("qwen fuzz", sent_qwen, 60)

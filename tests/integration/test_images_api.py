@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from serve_app.storage.local import ROUTE_PREFIX, LocalImageStore
-from tests.integration.conftest import EXTRA_FAMILIES, SIGNING_KEY
+from tests.integration.conftest import EXTRA_FAMILIES, QWEN_MODELS, SIGNING_KEY
 from tests.openai_schema import validate
 
 MODELS = ["tiny-sd", "tiny-flux"]
@@ -113,7 +113,7 @@ def test_quality_style_and_extensions_change_the_generation(client):
 def test_models_list_and_retrieve(client):
     ids = [m.id for m in client.models.list()]
     assert ids == [*MODELS, "tiny-sd-small", "tiny-broken", "tiny-flux-auto", "tiny-sd-auto", "tiny-sd-kill",
-                   *EXTRA_FAMILIES]
+                   *EXTRA_FAMILIES, *QWEN_MODELS]
     model = client.models.retrieve("tiny-flux")
     assert (model.id, model.object) == ("tiny-flux", "model")
     raw = httpx.get(f"{client.base_url}models", headers={"Authorization": f"Bearer {client.api_key}"}).json()

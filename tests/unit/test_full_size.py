@@ -37,6 +37,13 @@ SD35_LARGE_MMDIT = SD35_LARGE_KERAS_PRESET - CLIP_L_PROJECTED - CLIP_G - FLOW_VA
 FLUX2_DEV_TRANSFORMER, MISTRAL3_24B, FLUX2_VAE = 32_223_281_152, 24_011_361_280, 84_046_372 - 257
 KLEIN_4B_TRANSFORMER, QWEN3_4B = 3_875_544_576, 4_022_468_096
 
+# Qwen-Image / Qwen-Image-Edit-2509 (same architecture): the 20B MMDiT, Qwen2.5-VL-7B-Instruct (with its
+# vision tower and untied LM head, as the pipelines load it) and the causal 3D VAE; Z-Image-Turbo: its 6B DiT,
+# Qwen3-4B (tied embeddings) and the FLUX.1 VAE. Sources: architectures/README.md.
+QWEN_IMAGE_MMDIT = 20_430_401_088
+QWEN25_VL_7B = 8_292_166_656
+QWEN_IMAGE_VAE = 126_892_531
+QWEN_IMAGE = {"transformer": QWEN_IMAGE_MMDIT, "text_encoder": QWEN25_VL_7B, "vae": QWEN_IMAGE_VAE}
 PUBLISHED = {
     "flux-dev": {"transformer": 11_901_408_320, "text_encoder": CLIP_L, "text_encoder_2": T5_XXL_ENCODER,
                  "vae": FLOW_VAE},
@@ -49,10 +56,14 @@ PUBLISHED = {
                     "text_encoder_3": T5_XXL_ENCODER, "vae": FLOW_VAE},
     "flux2-dev": {"transformer": FLUX2_DEV_TRANSFORMER, "text_encoder": MISTRAL3_24B, "vae": FLUX2_VAE},
     "flux2-klein-4b": {"transformer": KLEIN_4B_TRANSFORMER, "text_encoder": QWEN3_4B, "vae": FLUX2_VAE},
+    "qwen-image": QWEN_IMAGE,
+    "qwen-image-edit": QWEN_IMAGE,
+    "z-image-turbo": {"transformer": 6_154_908_736, "text_encoder": QWEN3_4B, "vae": FLOW_VAE},
 }
 PIPELINE_CLASS = {"flux": "FluxPipeline", "stable-diffusion-xl": "StableDiffusionXLPipeline",
                   "stable-diffusion-3": "StableDiffusion3Pipeline", "flux2-dev": "Flux2Pipeline",
-                  "flux2-klein-4b": "Flux2KleinPipeline"}
+                  "flux2-klein-4b": "Flux2KleinPipeline", "qwen-image": "QwenImagePipeline",
+                  "qwen-image-edit": "QwenImageEditPlusPipeline", "generic": "ZImagePipeline"}
 
 
 def model_config(model_id):
@@ -101,6 +112,11 @@ def test_tokenizers_have_the_real_prompt_lengths_and_encoders_the_real_vocabular
         if config.family == "flux2":  # FLUX.2: a chat template around the prompt, 512 tokens read
             assert tokenizer.model_max_length == config.max_sequence_length == 512 and tokenizer.chat_template
             assert vocab == {"mistral3": 131072, "qwen3": 151936}[encoder.config.model_type]
+        elif encoder.config.model_type in ("qwen2_5_vl", "qwen3"):  # a chat template; the pipeline caps the prompt
+            assert type(tokenizer).__name__ == "Qwen2Tokenizer" and tokenizer.model_max_length == 131072
+            assert vocab == {"qwen2_5_vl": 152064, "qwen3": 151936}[encoder.config.model_type]
+            assert max(tokenizer("a lighthouse at dusk").input_ids) < vocab
+            continue
         elif encoder.config.model_type == "t5":  # the T5 length this model is served with
             assert tokenizer.model_max_length == config.max_sequence_length
             assert vocab == 32128
@@ -121,21 +137,42 @@ def test_schedulers_follow_the_published_configs(pipelines):
     # FLUX.2: FLUX.1-dev's scheduler config; the pipelines pass their own empirical mu.
     assert all(pipelines[m].scheduler.config.use_dynamic_shifting for m in ("flux2-dev", "flux2-klein-4b"))
     assert pipelines["flux2-klein-4b"].config.is_distilled
+    for qwen in ("qwen-image", "qwen-image-edit"):  # the shift follows the token count, exponentially
+        config = pipelines[qwen].scheduler.config
+        assert config.use_dynamic_shifting and config.time_shift_type == "exponential"
+        assert (config.shift_terminal, config.max_image_seq_len) == (0.02, 8192)
+    assert pipelines["z-image-turbo"].scheduler.config.shift == 3.0
+
+
+def test_qwen_image_edit_step_takes_three_references_at_1024_on_meta(pipelines):
+    """4096 tokens for the image and 4096 for each 1024x1024 reference, beside the prompt's (with its
+    vision tokens), through one guided step of the 20B MMDiT: every shape fits."""
+    transformer, meta = pipelines["qwen-image-edit"].transformer, torch.device("meta")
+    shapes = [[(1, 64, 64)] * 4] * 2  # the image, then three references; positive and negative rows
+    with torch.inference_mode():
+        [out] = transformer(hidden_states=torch.zeros(2, 4 * 4096, 64, device=meta, dtype=torch.bfloat16),
+                            timestep=torch.full((2,), 0.5, device=meta, dtype=torch.bfloat16),
+                            encoder_hidden_states=torch.zeros(2, 900, 3584, device=meta, dtype=torch.bfloat16),
+                            encoder_hidden_states_mask=torch.ones(2, 900, device=meta, dtype=torch.bool),
+                            img_shapes=shapes, return_dict=False)
+    assert out.shape == (2, 4 * 4096, 64) and out.is_meta  # the first 4096 are stepped
 
 
 @pytest.mark.parametrize("model_id", full_size.CATALOG)
 def test_readme_memory_figures_are_the_computed_ones(pipelines, model_id):
     sizes = full_size.weight_bytes(pipelines[model_id])
     denoiser = "transformer" if "transformer" in sizes else "unet"
-    # The README's table; a model it does not list yet, in its docs page's table of the same shape.
-    documents = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-    row = next(line for path in documents for line in path.read_text().splitlines()
-               if line.startswith(f"| `{model_id}` |") and "GB weights" in line)
-    memory_cell = row.split("|")[5]
+    # The README's model table, and any docs/ page that prints the same row (a family's own page).
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    rows = [line for doc in docs for line in doc.read_text().splitlines()
+            if line.startswith(f"| `{model_id}` |") and line.count("|") >= 7]  # tables with a memory column
+    assert rows, f"no memory row for {model_id}"
     dtype = model_config(model_id).dtype
-    assert f"{sum(sizes.values()) / 1e9:.1f} GB weights" in memory_cell
-    assert f"{dtype}: {sizes[denoiser] / 1e9:.1f} GB {denoiser}" in memory_cell
-    assert re.search(r"\d+ \N{MULTIPLICATION SIGN} (H100|L4)", memory_cell)
+    for row in rows:
+        memory_cell = row.split("|")[5]
+        assert f"{sum(sizes.values()) / 1e9:.1f} GB weights" in memory_cell
+        assert f"{dtype}: {sizes[denoiser] / 1e9:.1f} GB {denoiser}" in memory_cell
+        assert re.search(r"\d+ \N{MULTIPLICATION SIGN} (H100|L4)", memory_cell)
 
 
 def test_flux_dev_pipeline_runs_a_step_at_full_size_on_meta(pipelines):

@@ -6,6 +6,7 @@ from serve_app.engine.pipeline import DiffusersEngine
 from serve_app.engine.runners.base import DenoiseState, ImageSpec, Runner
 from serve_app.engine.runners.flow import FluxRunner, StableDiffusion3Runner
 from serve_app.engine.runners.flux2 import Flux2Runner
+from serve_app.engine.runners.qwen import QwenImageEditRunner, QwenImageRunner
 from serve_app.engine.runners.sd import StableDiffusionRunner, StableDiffusionXLRunner
 from serve_app.engine.runners.whole_call import WholeCallRunner
 
@@ -15,6 +16,8 @@ STEP_RUNNERS: dict[str, type[Runner]] = {
     "stable-diffusion-3": StableDiffusion3Runner,
     "flux": FluxRunner,
     "flux2": Flux2Runner,
+    "qwen-image": QwenImageRunner,
+    "qwen-image-edit": QwenImageEditRunner,
 }
 
 __all__ = ["STEP_RUNNERS", "DenoiseState", "ImageSpec", "Runner", "WholeCallRunner", "make_runner"]
