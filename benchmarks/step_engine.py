@@ -227,7 +227,7 @@ def write_models(directory: Path) -> list[str]:
         config = yaml.safe_load((ROOT / "models" / f"{model_id}.yaml").read_text())
         config["deployment"] = {"ray_actor_options": {"num_cpus": 0.1}}
         (directory / f"{model_id}.yaml").write_text(yaml.safe_dump(config))
-        twin = {**config, "id": f"{model_id}-call", "batching": {**config["batching"], "mode": "call"},
+        twin = {**config, "id": f"{model_id}-call", "batching": {**config["batching"], "policy": "call"},
                 "edits": {**config.get("edits", {}), "enabled": False}}  # whole calls cannot edit
         (directory / f"{model_id}-call.yaml").write_text(yaml.safe_dump(twin))
         ids += [model_id, f"{model_id}-call"]
