@@ -107,6 +107,12 @@ class CostModel:
             costs.estimates[size] = estimate
         return estimate
 
+    def measured_s(self, key: Hashable, size: int) -> float | None:
+        """The moving average at exactly this size, None before a sample was kept."""
+        costs = self._keys.get(key)
+        average = costs.steps.get(size) if costs else None
+        return average.value if average is not None and average.samples else None
+
     def step_error_s(self, key: Hashable, size: int) -> float:
         """How uncertain `step_s` is: the standard error of a measured size, a tenth of the
         estimate for one that is not."""

@@ -195,7 +195,9 @@ class StepLoop:
 
     def _learn(self, key: Any, size: int, seconds: float) -> None:
         self.costs.observe_step(key, size, seconds)
-        self.metrics.step_cost(describe_key(key), size, self.costs.step_s(key, size))
+        measured = self.costs.measured_s(key, size)
+        if measured is not None:  # not the warm-up sample
+            self.metrics.step_cost(describe_key(key), size, measured)
 
     def _preview(self, work: Work) -> bool:
         """Previews due after this step (a position may repeat when steps are few)."""

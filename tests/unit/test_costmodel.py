@@ -16,8 +16,10 @@ def measured(*samples: tuple[int, float]) -> CostModel:
 
 
 def test_the_first_sample_of_a_size_is_dropped_then_a_moving_average():
-    costs = measured((1, 9.0), (1, 1.0))  # the first call at a shape pays for warm-up
-    assert costs.step_s(KEY, 1) == 1.0
+    costs = measured((1, 9.0))  # the first call at a shape pays for warm-up
+    assert costs.measured_s(KEY, 1) is None
+    costs.observe_step(KEY, 1, 1.0)
+    assert costs.step_s(KEY, 1) == costs.measured_s(KEY, 1) == 1.0
     costs.observe_step(KEY, 1, 2.0)
     assert costs.step_s(KEY, 1) == pytest.approx(1.0 + costmodel.ALPHA * (2.0 - 1.0))
 

@@ -222,4 +222,5 @@ def test_the_loop_teaches_the_cost_model_what_a_step_costs(runner):
     [row] = loop.costs.snapshot()
     assert row["key"] == "128x128"  # FLUX: no CFG pass
     assert all(seconds > 0 for seconds in row["step_s"].values()) and row["prepare_s"] > 0 and row["finish_s"] > 0
-    assert {size for _, size, _ in metrics.gauges} == set(metrics.steps)  # exported for each size run
+    # exported for each size run more than once (the first call at a size is warm-up)
+    assert {size for _, size, _ in metrics.gauges} == {b for b in metrics.steps if metrics.steps.count(b) > 1}
