@@ -24,7 +24,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,19 +32,14 @@ import time
 from pathlib import Path
 
 import httpx
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks import serving  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 MIX = [("standard", 0.5), ("hd", 0.3), ("low", 0.2)]
 PROMPT = "a lighthouse at dusk"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the peer: LitServe -------------------------------------------------------------------
@@ -96,7 +90,7 @@ def litserve_main(model_id: str, port: int) -> None:
 
 
 def start_litserve(model_id: str, work: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+    port = serving.free_port()
     log = open(work / "litserve.log", "wb")  # noqa: SIM115 - lives as long as the server
     process = subprocess.Popen([sys.executable, __file__, "--serve-litserve", model_id, str(port)], cwd=ROOT,
                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -104,39 +98,10 @@ def start_litserve(model_id: str, work: Path) -> tuple[subprocess.Popen, str]:
 
 
 def start_artserve(model_id: str, work: Path) -> tuple[subprocess.Popen, str, list[str]]:
-    models = work / "models"
-    models.mkdir()
-    config = yaml.safe_load((ROOT / "models" / f"{model_id}.yaml").read_text())
-    config["deployment"] = {"ray_actor_options": {"num_cpus": 0.1}}
-    ids = []
-    for suffix, policy in (("", "cost"), ("-fixed", "fixed")):
-        twin = {**config, "id": model_id + suffix, "batching": {**config["batching"], "policy": policy}}
-        (models / f"{model_id}{suffix}.yaml").write_text(yaml.safe_dump(twin))
-        ids.append(model_id + suffix)
-    port = free_port()
-    serve = {"proxy_location": "EveryNode", "http_options": {"host": "127.0.0.1", "port": port},
-             "applications": [{"name": "peer", "route_prefix": "/", "import_path": "serve_app.app:build_app",
-                               "args": {"models": ids, "models_dir": str(models), "storage": str(work / "images")}}]}
-    (work / "serve.yaml").write_text(yaml.safe_dump(serve))
-    log = open(work / "serve.log", "wb")  # noqa: SIM115 - lives as long as the server
-    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="artserve-peer-"), "RAY_USAGE_STATS_ENABLED": "0"}
-    process = subprocess.Popen([str(Path(sys.executable).with_name("serve")), "run", str(work / "serve.yaml")],
-                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    return process, f"http://127.0.0.1:{port}", ids
-
-
-def wait_ready(base: str, models: list[str], deadline_s: float = 300) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        try:
-            if all(httpx.post(f"{base}/v1/images/generations", timeout=60,
-                              json={"model": m, "prompt": "w", "num_inference_steps": 1,
-                                    "response_format": "b64_json"}).status_code == 200 for m in models):
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise RuntimeError(f"{base} did not get ready")
+    ids = [model_id, f"{model_id}-fixed"]
+    models = [serving.variant(model_id, ids[0], policy="cost"), serving.variant(model_id, ids[1], policy="fixed")]
+    process, base = serving.start(work, Path(tempfile.mkdtemp(prefix="artserve-peer-")), models)
+    return process, base, ids
 
 
 # -- the load -----------------------------------------------------------------------------
@@ -242,8 +207,7 @@ def main() -> None:
             processes.append(lit)
             art, art_base, ids = start_artserve(args.model, work)
             processes.append(art)
-            wait_ready(lit_base, [args.model])
-            wait_ready(art_base, ids)
+            serving.wait_ready(lit_base, [args.model])
             targets = [Target("litserve", lit_base, args.model), Target("artserve (cost)", art_base, ids[0]),
                        Target("artserve (fixed)", art_base, ids[1])]
             results = asyncio.run(measure(targets, args.requests, args.rounds))

@@ -33,9 +33,7 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +44,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks import replica_costs, simulate  # noqa: E402
+from benchmarks import replica_costs, serving, simulate  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MIX = [("standard", 0.5), ("hd", 0.3), ("low", 0.2)]
@@ -233,53 +231,14 @@ def preview_cost(repeats: int = 10) -> dict:
     return out
 
 
-def write_models(directory: Path, models: list[str]) -> list[str]:
+def variants(models: list[str]) -> list[dict]:
     """Each model three times (tiny-sd, for the abandon test only: cost and call)."""
-    ids = []
+    out = []
     for model_id in dict.fromkeys(["tiny-sd", *models]):
-        config = yaml.safe_load((ROOT / "models" / f"{model_id}.yaml").read_text())
-        config["deployment"] = {"ray_actor_options": {"num_cpus": 0.1}}
         for arm, suffix in ARMS.items():
-            if model_id == "tiny-sd" and arm == "fixed" and model_id not in models:
-                continue
-            twin = {**config, "id": model_id + suffix, "batching": {**config["batching"], "policy": arm}}
-            if arm == "call":
-                twin["edits"] = {**config.get("edits", {}), "enabled": False}  # whole calls cannot edit
-            (directory / f"{model_id}{suffix}.yaml").write_text(yaml.safe_dump(twin))
-            ids.append(model_id + suffix)
-    return ids
-
-
-def start_server(work: Path, ray_tmp: Path, models: list[str]) -> tuple[subprocess.Popen, str]:
-    directory = work / "models"
-    directory.mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = {"proxy_location": "EveryNode", "http_options": {"host": "127.0.0.1", "port": port},
-              "applications": [{"name": "bench", "route_prefix": "/", "import_path": "serve_app.app:build_app",
-                                "args": {"models": write_models(directory, models), "models_dir": str(directory),
-                                         "storage": str(work / "images")}}]}
-    ids = config["applications"][0]["args"]["models"]
-    (work / "serve.yaml").write_text(yaml.safe_dump(config))
-    log = open(work / "serve.log", "wb")  # noqa: SIM115 - lives as long as the server
-    # Its own Ray temp dir: the replicas' metrics endpoints are listed there (replica_costs.py).
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_USAGE_STATS_ENABLED": "0"}
-    process = subprocess.Popen([str(Path(sys.executable).with_name("serve")), "run", str(work / "serve.yaml")],
-                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if all(httpx.post(f"{base}/v1/images/generations", timeout=60,
-                              json={"model": m, "prompt": "w", "num_inference_steps": 1,
-                                    "response_format": "b64_json"}).status_code == 200
-                   for m in ids):
-                return process, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise RuntimeError(f"serve run did not get ready:\n{(work / 'serve.log').read_text()[-3000:]}")
+            if model_id in models or arm != "fixed":
+                out.append(serving.variant(model_id, model_id + suffix, policy=arm))
+    return out
 
 
 async def measure(base: str, models: list[str], duration_s: float, quick: bool) -> dict:
@@ -433,7 +392,7 @@ def main() -> None:
     ray_tmp = Path(tempfile.mkdtemp(prefix="artserve-bench-"))  # short: Ray's socket paths
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        process, base = start_server(work, ray_tmp, args.models)
+        process, base = serving.start(work, ray_tmp, variants(args.models))
         try:
             results = asyncio.run(measure(base, args.models, args.duration_s, args.quick))
             costs = replica_costs.scrape(ray_tmp, wanted=[f"{m}-fixed" for m in args.models])
@@ -444,7 +403,7 @@ def main() -> None:
             process.wait(timeout=60)
             shutil.rmtree(ray_tmp, ignore_errors=True)
         if not args.quick:
-            results["in_process"] = in_process(work / "models")
+            results["in_process"] = in_process(ROOT / "models")
             results["preview_cost"] = preview_cost()
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

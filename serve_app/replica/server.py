@@ -117,7 +117,9 @@ class ModelServer:
                 work.on_preview = _preview_sink(loop, previews)
             works.append(work)
         self.loop.submit(works)
-        finishing = [asyncio.ensure_future(self._finish(job, i, future, cancelled)) for i, future in enumerate(futures)]
+        decoded: list[float] = []  # when each image left the step loop
+        finishing = [asyncio.ensure_future(self._finish(job, i, future, cancelled, decoded))
+                     for i, future in enumerate(futures)]
         try:
             images = list(await asyncio.gather(*finishing))
         except BaseException:  # cancelled (client gone, timeout) or one image failed: stop the rest
@@ -126,7 +128,9 @@ class ModelServer:
             for task in finishing:
                 task.cancel()
             raise
-        return GenerationResult(images, self.engine.count_tokens(job.prompt))
+        tokens, done = self.engine.count_tokens(job.prompt), time.monotonic()
+        timings_ms = {"engine": 1000 * (max(decoded) - arrived), "encode": 1000 * (done - max(decoded))}
+        return GenerationResult(images, tokens, timings_ms)
 
     async def _encode_preview(self, job: GenerationJob, index: int, image) -> PartialImage:
         data = await asyncio.get_running_loop().run_in_executor(
@@ -160,10 +164,11 @@ class ModelServer:
         return GenerationError("Image generation failed.")
 
     async def _finish(self, job: GenerationJob, index: int, future: asyncio.Future,
-                      cancelled: threading.Event) -> ImageResult:
+                      cancelled: threading.Event, decoded: list[float]) -> ImageResult:
         """Wait for the image, then encode and store it on the encoder pool while the step
         loop goes on: an image leaves as soon as its own last step is decoded."""
         image, batch_size = await future
+        decoded.append(time.monotonic())
         return await asyncio.get_running_loop().run_in_executor(
             self._encoders, self._encode_store, job, index, image, batch_size, cancelled
         )

@@ -54,3 +54,16 @@ def test_a_long_request_is_not_starved_by_a_stream_of_short_ones(server):
     # (max_wait_factor 1), with room for this shared machine's noise.
     assert after > 0, "the stream stopped before the hd request finished: nothing was tested"
     assert hd_s < 8 * low_alone_s + 2 * hd_alone_s + 2.0
+
+
+def test_responses_say_where_the_time_went(server):
+    response = httpx.post(f"{server.base_url}/v1/images/generations", timeout=120,
+                          headers={"Authorization": f"Bearer {API_KEY}"},
+                          json={"model": MODEL, "prompt": "a fox", "num_inference_steps": 2,
+                                "response_format": "b64_json"})
+    assert response.status_code == 200
+    parts = {name: float(dur.removeprefix("dur=")) for name, dur in
+             (p.strip().split(";") for p in response.headers["server-timing"].split(","))}
+    assert list(parts) == ["ingress", "handle", "engine", "encode"]
+    # Nested: the ingress's time holds the handle call, which holds the replica's parts.
+    assert parts["ingress"] >= parts["handle"] >= parts["engine"] + parts["encode"] > 0
