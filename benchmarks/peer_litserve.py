@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import io
 import json
 import os
 import random
@@ -32,6 +34,7 @@ import time
 from pathlib import Path
 
 import httpx
+import litserve as ls
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,49 +46,49 @@ PROMPT = "a lighthouse at dusk"
 
 
 # -- the peer: LitServe -------------------------------------------------------------------
+class DiffusionAPI(ls.LitAPI):
+    """At module level: LitServe pickles it into its worker process."""
+
+    def __init__(self, model_id: str, **options):
+        super().__init__(**options)
+        self.model_id = model_id
+
+    def setup(self, device):
+        from serve_app.config import load_model_config
+        from serve_app.engine.pipeline import DiffusersEngine
+
+        self.config = load_model_config(ROOT / "models" / f"{self.model_id}.yaml")
+        self.engine = DiffusersEngine(self.config)
+
+    def decode_request(self, request):
+        preset = self.config.quality_preset(request.get("quality", "standard"))
+        steps = request.get("num_inference_steps", preset.num_inference_steps)
+        return request["prompt"], steps, preset.guidance_scale, request.get("seed", 0)
+
+    def predict(self, batch):
+        from serve_app.engine.pipeline import PipelineInputs
+
+        width, height = map(int, self.config.default_size.split("x"))
+        images: dict[int, object] = {}
+        by_steps: dict[tuple, list[int]] = {}
+        for index, (_, steps, guidance, _) in enumerate(batch):  # one call per step count
+            by_steps.setdefault((steps, guidance), []).append(index)
+        for (steps, guidance), indices in by_steps.items():
+            out = self.engine.generate(PipelineInputs(
+                width, height, steps, guidance, [batch[i][0] for i in indices], [None] * len(indices),
+                [batch[i][3] for i in indices]))
+            images.update(zip(indices, out, strict=True))
+        return [images[i] for i in range(len(batch))]
+
+    def encode_response(self, image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", compress_level=6)
+        return {"data": [{"b64_json": base64.b64encode(buffer.getvalue()).decode()}]}
+
+
 def litserve_main(model_id: str, port: int) -> None:
     """Runs in its own process: `python benchmarks/peer_litserve.py --serve-litserve MODEL PORT`."""
-    import base64
-    import io
-
-    import litserve as ls
-
-    from serve_app.config import load_model_config
-
-    config = load_model_config(ROOT / "models" / f"{model_id}.yaml")
-
-    class DiffusionAPI(ls.LitAPI):
-        def setup(self, device):
-            from serve_app.engine.pipeline import DiffusersEngine
-
-            self.engine = DiffusersEngine(config)
-
-        def decode_request(self, request):
-            preset = config.quality_preset(request.get("quality", "standard"))
-            steps = request.get("num_inference_steps", preset.num_inference_steps)
-            return request["prompt"], steps, preset.guidance_scale, request.get("seed", 0)
-
-        def predict(self, batch):
-            from serve_app.engine.pipeline import PipelineInputs
-
-            width, height = map(int, config.default_size.split("x"))
-            images: dict[int, object] = {}
-            by_steps: dict[tuple, list[int]] = {}
-            for index, (_, steps, guidance, _) in enumerate(batch):  # one call per step count
-                by_steps.setdefault((steps, guidance), []).append(index)
-            for (steps, guidance), indices in by_steps.items():
-                out = self.engine.generate(PipelineInputs(
-                    width, height, steps, guidance, [batch[i][0] for i in indices], [None] * len(indices),
-                    [batch[i][3] for i in indices]))
-                images.update(zip(indices, out, strict=True))
-            return [images[i] for i in range(len(batch))]
-
-        def encode_response(self, image):
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG", compress_level=6)
-            return {"data": [{"b64_json": base64.b64encode(buffer.getvalue()).decode()}]}
-
-    api = DiffusionAPI(max_batch_size=4, batch_timeout=0.02, api_path="/v1/images/generations")
+    api = DiffusionAPI(model_id, max_batch_size=4, batch_timeout=0.02, api_path="/v1/images/generations")
     ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=600).run(port=port, generate_client_file=False)
 
 
@@ -207,7 +210,7 @@ def main() -> None:
             processes.append(lit)
             art, art_base, ids = start_artserve(args.model, work)
             processes.append(art)
-            serving.wait_ready(lit_base, [args.model])
+            serving.wait_ready(lit_base, [args.model], timeout_s=900)
             targets = [Target("litserve", lit_base, args.model), Target("artserve (cost)", art_base, ids[0]),
                        Target("artserve (fixed)", art_base, ids[1])]
             results = asyncio.run(measure(targets, args.requests, args.rounds))
