@@ -68,7 +68,8 @@ def start(runner, cap: int = 4):
 
 
 def submit(loop, runner, request_id: str, specs, results: queue.Queue, order: int | None = None):
-    works = [Work(Ticket(request_id, i, runner.batch_key(s), time.monotonic()), s,
+    # steps as ModelServer sets them: the cost policy fixes a request's deadline when it first sees it
+    works = [Work(Ticket(request_id, i, runner.batch_key(s), time.monotonic(), steps=s.steps), s,
                   lambda out, batch, rid=request_id, i=i: results.put((rid, i, out, batch)))
              for i, s in enumerate(specs)]
     loop.submit(works)
