@@ -1,18 +1,25 @@
-"""The step engine against the whole-call scheduler, measured in one run on one machine.
+"""The step engine's policies against whole calls, measured in one run on one machine, and the
+simulator checked against it.
 
-    .venv/bin/python benchmarks/step_engine.py [--models tiny-flux tiny-sd3] [--duration-s 45]
+    .venv/bin/python benchmarks/step_engine.py [--models tiny-flux tiny-sd3] [--duration-s 45] [--quick]
 
-Starts its own `serve run` with each model twice: as configured (`batching.mode: step`) and as
-`<id>-call` (`batching.mode: call`, everything else equal), then, per model, at 256²:
-- capacity of the whole-call arm (closed loop, concurrency 8), mixed presets and standard only;
-- mixed presets (standard/hd/low = 50/30/20 %), Poisson at 70 % of that capacity, both arms
-  with the same arrivals and presets (seeded);
-- standard only, Poisson at 50 % and 90 % of capacity, both arms;
-then on tiny-sd: the abandon test (8 clients drop n=4 hd requests after 1 s; then one request,
-against the idle latency) on both arms; streaming on tiny-sd and tiny-flux (plain vs streamed, time to the first of 3
-partial images, what the previews cost); the serving overhead of a near-empty generation
-(1 step, jpeg, b64_json, concurrency 1) against the same pipeline call in-process; and, in
-process, the step loop's own time between denoiser calls as a fraction of a step.
+Runtime: about 25 minutes with the defaults on the 2-core development VM (`--quick`: the load
+scenarios only, about 15). Starts its own `serve run` with each model three times: `<id>`
+(`batching.policy: cost`, the default), `<id>-fixed` (`fixed`: join up to the cap) and
+`<id>-call` (`call`: whole pipeline calls), everything else equal, then, per model, at 256²:
+- capacity of the whole-call arm (closed loop, concurrency 8), mixed presets and standard only:
+  "load" below is a fraction of it, the same definition as benchmarks/simulate.py's;
+- mixed presets (standard/hd/low = 50/30/20 %), Poisson at 70 % of that capacity, every arm
+  with the same arrivals and presets (seeded), arms interleaved per scenario;
+- standard only, Poisson at 50 % and 90 % of capacity, every arm;
+- the simulator on the same arrivals, with the cost curve the replicas measured in place
+  (their cost-model gauges, read from Ray's Prometheus endpoints) and the HTTP path's own
+  latency at concurrency 1: simulated against measured p50 and mean, per arm;
+then (not with --quick) on tiny-sd the abandon test (8 clients drop n=4 hd requests after 1 s;
+then one request, against the idle latency) on both arms; streaming on tiny-sd and tiny-flux
+(plain vs streamed, time to the first of 3 partial images, what the previews cost); the serving
+overhead of a near-empty generation (1 step, jpeg, b64_json, concurrency 1) against the same
+pipeline call in-process; and, in process, the step loop's own time between denoiser calls.
 Prints a table, writes benchmarks/results/step_engine-<time>.{json,md,png}.
 """
 
@@ -24,10 +31,9 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,8 +43,12 @@ import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks import replica_costs, serving, simulate  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 MIX = [("standard", 0.5), ("hd", 0.3), ("low", 0.2)]
+ARMS = {"cost": "", "fixed": "-fixed", "call": "-call"}  # arm -> model id suffix
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -221,65 +231,38 @@ def preview_cost(repeats: int = 10) -> dict:
     return out
 
 
-def write_models(directory: Path) -> list[str]:
-    ids = []
-    for model_id in ("tiny-sd", "tiny-flux", "tiny-sd3"):
-        config = yaml.safe_load((ROOT / "models" / f"{model_id}.yaml").read_text())
-        config["deployment"] = {"ray_actor_options": {"num_cpus": 0.1}}
-        (directory / f"{model_id}.yaml").write_text(yaml.safe_dump(config))
-        twin = {**config, "id": f"{model_id}-call", "batching": {**config["batching"], "mode": "call"},
-                "edits": {**config.get("edits", {}), "enabled": False}}  # whole calls cannot edit
-        (directory / f"{model_id}-call.yaml").write_text(yaml.safe_dump(twin))
-        ids += [model_id, f"{model_id}-call"]
-    return ids
+def variants(models: list[str]) -> list[dict]:
+    """Each model three times (tiny-sd, for the abandon test only: cost and call)."""
+    out = []
+    for model_id in dict.fromkeys(["tiny-sd", *models]):
+        for arm, suffix in ARMS.items():
+            if model_id in models or arm != "fixed":
+                out.append(serving.variant(model_id, model_id + suffix, policy=arm))
+    return out
 
 
-def start_server(work: Path) -> tuple[subprocess.Popen, str]:
-    models = work / "models"
-    models.mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = {"proxy_location": "EveryNode", "http_options": {"host": "127.0.0.1", "port": port},
-              "applications": [{"name": "bench", "route_prefix": "/", "import_path": "serve_app.app:build_app",
-                                "args": {"models": write_models(models), "models_dir": str(models),
-                                         "storage": str(work / "images")}}]}
-    ids = config["applications"][0]["args"]["models"]
-    (work / "serve.yaml").write_text(yaml.safe_dump(config))
-    log = open(work / "serve.log", "wb")  # noqa: SIM115 - lives as long as the server
-    process = subprocess.Popen([str(Path(sys.executable).with_name("serve")), "run", str(work / "serve.yaml")],
-                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if all(httpx.post(f"{base}/v1/images/generations", timeout=60,
-                              json={"model": m, "prompt": "w", "num_inference_steps": 1,
-                                    "response_format": "b64_json"}).status_code == 200
-                   for m in ids):
-                return process, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise RuntimeError(f"serve run did not get ready:\n{(work / 'serve.log').read_text()[-3000:]}")
-
-
-async def measure(base: str, models: list[str], duration_s: float) -> dict:
+async def measure(base: str, models: list[str], duration_s: float, quick: bool) -> dict:
     bench, results = Bench(base), {}
     for model in models:
         call = f"{model}-call"
         capacity_mixed = await bench.closed(call, mixed(24))
         capacity_standard = await bench.closed(call, ["standard"] * 24)
-        runs = {"capacity_rps": {"mixed": capacity_mixed, "standard": capacity_standard}}
+        # The HTTP path around the replica at concurrency 1 (the simulator adds it to each request).
+        alone = {q: statistics.median([(await bench.generate(f"{model}-fixed", q))[1] for _ in range(5)])
+                 for q, _ in MIX}
+        runs = {"capacity_rps": {"mixed": capacity_mixed, "standard": capacity_standard}, "alone_s": alone}
         plan = [("mixed 70%", 0.7 * capacity_mixed, MIX, duration_s),
                 ("standard 50%", 0.5 * capacity_standard, [("standard", 1.0)], duration_s * 2 / 3),
                 ("standard 90%", 0.9 * capacity_standard, [("standard", 1.0)], duration_s * 2 / 3)]
         for name, rate, mix, duration in plan:
             schedule = arrivals(rate, duration, mix, seed=7)
-            runs[name] = {"rate_per_s": rate, "step": await bench.poisson(model, schedule),
-                          "call": await bench.poisson(call, schedule)}
-            print(model, name, json.dumps(runs[name]), flush=True)
+            runs[name] = {"rate_per_s": rate, "arrivals": schedule}
+            for arm, suffix in ARMS.items():  # interleaved: the machine's drift hits every arm alike
+                runs[name][arm] = await bench.poisson(model + suffix, schedule)
+            print(model, name, json.dumps({k: v for k, v in runs[name].items() if k != "arrivals"}), flush=True)
         results[model] = runs
+    if quick:
+        return results
     results["abandon"] = {arm: await bench.abandon(arm) for arm in ("tiny-sd", "tiny-sd-call")}
     results["streaming"] = {model: await bench.streaming(model) for model in ("tiny-sd", "tiny-flux")}
     overhead = [(await bench.generate("tiny-sd", num_inference_steps=1))[1] for _ in range(21)][1:]
@@ -287,20 +270,75 @@ async def measure(base: str, models: list[str], duration_s: float) -> dict:
     return results
 
 
+def in_situ_curve(model: str, costs: dict) -> simulate.Curve | None:
+    """The step curve the model's `fixed` replica measured while serving (it runs every batch
+    size up to the cap), with its presets."""
+    keys = costs.get(f"{model}-fixed") or {}
+    entry = keys.get("256x256") or next(iter(keys.values()), None)
+    if not entry or not entry["step_s"]:
+        return None
+    config = yaml.safe_load((ROOT / "models" / f"{model}.yaml").read_text())
+    steps = {q: p["num_inference_steps"] for q, p in config["quality"].items()}
+    return simulate.Curve(f"{model} in situ", tuple(sorted(entry["step_s"].items())), entry.get("prepare_s", 0.0),
+                          entry.get("finish_s", 0.0), steps, config["batching"]["max_batch_size"], "measured",
+                          "the fixed replica's cost-model gauges during this run")
+
+
+def simulated(results: dict, models: list[str], costs: dict) -> dict:
+    """Each scenario again in the simulator: the same arrivals, the in-situ curve, and the
+    HTTP path's latency outside the replica (measured alone at concurrency 1, minus the
+    simulated service) added to every request."""
+    out = {}
+    for model in models:
+        curve = in_situ_curve(model, costs)
+        if curve is None:
+            continue
+        alone = results[model]["alone_s"]
+        overhead_s = statistics.median(alone[q] - curve.service_s(curve.steps[q]) for q in alone)
+        out[model] = {"curve": {"step_s": dict(curve.points), "prepare_s": curve.prepare_s, "finish_s": curve.finish_s},
+                      "overhead_s": overhead_s}
+        for name, run in results[model].items():
+            if not isinstance(run, dict) or "arrivals" not in run:
+                continue
+            trace = [simulate.Request(at, quality) for at, quality in run["arrivals"]]
+            out[model][name] = {arm: simulate.simulate(trace, curve, arm, overhead_s=overhead_s).summary()
+                                for arm in ARMS}
+    return out
+
+
 def table(results: dict, models: list[str]) -> str:
-    lines = ["| model | scenario | rate req/s | arm | p50 s | p99 s | mean s | images/s | step/call p50 | p99 | mean | "
-             "images/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | scenario | rate req/s | arm | p50 s | p99 s | mean s | images/s | vs call: p50 | p99 | mean | "
+             "images/s |", "|---" * 12 + "|"]
     for model in models:
         for name, run in results[model].items():
-            if name == "capacity_rps":
+            if name in ("capacity_rps", "alone_s"):
                 continue
-            s, c = run["step"], run["call"]
-            for arm, r in (("step", s), ("call", c)):
-                ratio = (f"{s['p50_s'] / c['p50_s']:.2f}x | {s['p99_s'] / c['p99_s']:.2f}x | "
-                         f"{s['mean_s'] / c['mean_s']:.2f}x | {s['images_per_s'] / c['images_per_s']:.2f}x"
-                         if arm == "step" else " | | | ")
+            c = run["call"]
+            for arm in ARMS:
+                r = run[arm]
+                ratio = (f"{r['p50_s'] / c['p50_s']:.2f}x | {r['p99_s'] / c['p99_s']:.2f}x | "
+                         f"{r['mean_s'] / c['mean_s']:.2f}x | {r['images_per_s'] / c['images_per_s']:.2f}x")
                 lines.append(f"| {model} | {name} | {run['rate_per_s']:.2f} | {arm} | {r['p50_s']:.2f} | "
                              f"{r['p99_s']:.2f} | {r['mean_s']:.2f} | {r['images_per_s']:.2f} | {ratio} |")
+    lines += ["", "Simulator (benchmarks/simulate.py) on the same arrivals, with the curve the replicas measured in "
+              "place and the HTTP path's latency at c=1:", "",
+              "| model | scenario | arm | HTTP p50 s | sim p50 s | sim/HTTP | HTTP mean s | sim mean s | sim/HTTP | "
+              "within 20 % |", "|---" * 10 + "|"]
+    for model, sim in results.get("simulated", {}).items():
+        for name, arms in sim.items():
+            if name in ("curve", "overhead_s"):
+                continue
+            for arm, s in arms.items():
+                h = results[model][name][arm]
+                p50, mean = s["p50_s"] / h["p50_s"], s["mean_s"] / h["mean_s"]
+                ok = "yes" if max(abs(p50 - 1), abs(mean - 1)) <= 0.2 else "no"
+                lines.append(f"| {model} | {name} | {arm} | {h['p50_s']:.2f} | {s['p50_s']:.2f} | {p50:.2f} | "
+                             f"{h['mean_s']:.2f} | {s['mean_s']:.2f} | {mean:.2f} | {ok} |")
+        lines.append(f"| {model} | curve: step s by batch {sim['curve']['step_s']}, prepare "
+                     f"{sim['curve']['prepare_s']:.4f} s, finish {sim['curve']['finish_s']:.4f} s, HTTP path "
+                     f"{sim['overhead_s']:.3f} s | | | | | | | | |")
+    if "abandon" not in results:
+        return "\n".join(lines)
     a, p = results["abandon"], results["in_process"]
     lines += ["", "| abandon test (tiny-sd) | idle s | after 8 x n=4 hd dropped, s | ratio |", "|---|---|---|---|"]
     lines += [f"| {arm} | {v['idle_s']:.2f} | {v['after_s']:.2f} | {v['ratio']:.2f}x |" for arm, v in a.items()]
@@ -330,11 +368,12 @@ def plot(results: dict, models: list[str], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
-        names = [n for n in results[model] if n != "capacity_rps"]
+        names = [n for n in results[model] if n not in ("capacity_rps", "alone_s")]
         xs = range(len(names))
-        for offset, arm in ((-0.2, "step"), (0.2, "call")):
-            ax.bar([x + offset for x in xs], [results[model][n][arm]["p99_s"] for n in names], 0.4, label=f"{arm} p99")
-            ax.plot([x + offset for x in xs], [results[model][n][arm]["p50_s"] for n in names], "k_", ms=20)
+        for offset, arm in zip((-0.27, 0.0, 0.27), ARMS, strict=True):
+            ax.bar([x + offset for x in xs], [results[model][n][arm]["p99_s"] for n in names], 0.27,
+                   label=f"{arm} p99")
+            ax.plot([x + offset for x in xs], [results[model][n][arm]["p50_s"] for n in names], "k_", ms=14)
         ax.set_xticks(list(xs), names)
         ax.set(title=f"{model} 256² (bars p99, ticks p50)", ylabel="latency (s)")
         ax.legend()
@@ -346,19 +385,26 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=["tiny-flux", "tiny-sd3"])
     parser.add_argument("--duration-s", type=float, default=45)
+    parser.add_argument("--quick", action="store_true", help="the load scenarios and the simulator only")
     args = parser.parse_args()
     # A plain `kill` must still stop the `serve run` below (its own session): unwind through finally.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    ray_tmp = Path(tempfile.mkdtemp(prefix="artserve-bench-"))  # short: Ray's socket paths
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        process, base = start_server(work)
+        process, base = serving.start(work, ray_tmp, variants(args.models))
         try:
-            results = asyncio.run(measure(base, args.models, args.duration_s))
+            results = asyncio.run(measure(base, args.models, args.duration_s, args.quick))
+            costs = replica_costs.scrape(ray_tmp, wanted=[f"{m}-fixed" for m in args.models])
+            results["replica_costs"] = costs
+            results["simulated"] = simulated(results, args.models, costs)
         finally:
             os.killpg(process.pid, signal.SIGINT)
             process.wait(timeout=60)
-        results["in_process"] = in_process(work / "models")
-        results["preview_cost"] = preview_cost()
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+        if not args.quick:
+            results["in_process"] = in_process(ROOT / "models")
+            results["preview_cost"] = preview_cost()
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     text = table(results, args.models)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -39,11 +40,15 @@ def main(argv: list[str] | None = None) -> int:
 
     failed = 0
     for path in args.files:
-        try:
-            print(f"ok: {path}: {validate_file(path)}")
-        except ValueError as exc:
-            failed += 1
-            print(f"error: {exc}", file=sys.stderr)
+        with warnings.catch_warnings(record=True) as caught:  # deprecations: named with the file
+            warnings.simplefilter("always")
+            try:
+                print(f"ok: {path}: {validate_file(path)}")
+            except ValueError as exc:
+                failed += 1
+                print(f"error: {exc}", file=sys.stderr)
+        for warning in caught:
+            print(f"warning: {path}: {warning.message}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -7,6 +7,7 @@ import inspect
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -166,15 +167,46 @@ class EditSettings(Strict):
 
 
 class Batching(Strict):
-    mode: Literal["step", "call"] = Field(
-        "step",
-        description="step: ArtServe runs the denoising loop; images join and leave the running batch at step "
-        "boundaries. call: one whole pipeline call per batch (same size, steps and guidance). `generic` "
-        "pipelines always use call.",
+    """How a replica orders and batches images (docs/capacity.md; serve_app/replica/scheduler.py)."""
+
+    policy: Literal["call", "fixed", "cost"] = Field(
+        "cost",
+        description="cost: the step engine runs the request with the least remaining work first, a request's "
+        "images together, and lets others share a denoiser call only while the replica's measured cost curve "
+        "says sharing pays, within the waiting bound. fixed: the step engine joining every waiting image of the "
+        "running batch's key up to max_batch_size (needed where images must share calls). call: one whole "
+        "pipeline call per batch (same size, steps and guidance), first come first served; no edits, no "
+        "previews. `generic` pipelines always use call.",
     )
     max_batch_size: int = Field(
-        4, gt=0, description="Images per denoiser call (step mode) or pipeline call (call mode), at most."
+        4, gt=0, description="Images per denoiser call (step engine) or pipeline call (call), at most."
     )
+    max_wait_factor: float = Field(
+        1.0, ge=0,
+        description="cost: the waiting bound. Shorter requests may overtake a request only until it would "
+        "finish this many times its own service time (its seconds alone) later than first come first served "
+        "would have finished it; then it goes first. 0: first come first served; larger: a lower mean, a "
+        "higher p99 (docs/capacity.md).",
+    )
+    max_wait_s: float | None = Field(
+        None, ge=0, description="cost: the same bound in seconds; with both set, the smaller applies.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_is_deprecated(cls, data: Any) -> Any:
+        # `mode: step|call` came before `policy`: still read, with a warning that says what to write.
+        if isinstance(data, dict) and "mode" in data:
+            data = dict(data)
+            mode = data.pop("mode")
+            policy = {"call": "call", "step": "fixed"}.get(mode) if isinstance(mode, str) else None
+            if policy is None:
+                raise ValueError(f"mode: deprecated, and {mode!r} is not step or call; write policy: call|fixed|cost")
+            if data.setdefault("policy", policy) != policy:
+                raise ValueError(f"mode: {mode} contradicts policy: {data['policy']}; remove the deprecated mode")
+            warnings.warn(f"batching.mode is deprecated: write `policy: {policy}` instead of `mode: {mode}`",
+                          FutureWarning, stacklevel=2)
+        return data
 
 
 class EngineOptions(Strict):
@@ -301,9 +333,9 @@ class ModelConfig(Strict):
             raise ValueError("style presets must define exactly vivid and natural")
         if self.family == "generic" and self.edits.enabled:
             raise ValueError("edits: generic pipelines are text-to-image only (edits.enabled: false)")
-        if self.batching.mode == "call" and self.edits.enabled:
-            raise ValueError("edits need the step engine: batching.mode call runs whole pipeline calls "
-                             "(set edits.enabled: false, or batching.mode: step)")
+        if self.batching.policy == "call" and self.edits.enabled:
+            raise ValueError("edits need the step engine: batching.policy call runs whole pipeline calls "
+                             "(set edits.enabled: false, or batching.policy: cost or fixed)")
         self._check_edit_inputs()
         check_deployment_options(self.deployment)
         return self

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -61,3 +61,6 @@ class ImageResult:
 class GenerationResult:
     images: list[ImageResult]
     input_tokens: int  # prompt tokens, by the model's own tokenizers (usage)
+    # Where the replica's milliseconds went, for the Server-Timing header: engine (arrival until
+    # the last image left the step loop), encode (until the last image was encoded and stored).
+    timings_ms: dict[str, float] = field(default_factory=dict)

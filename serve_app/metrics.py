@@ -49,6 +49,28 @@ class ModelMetrics:
             "artserve_encode_store_seconds", "Seconds to encode and store one image.", boundaries=SECONDS,
             tag_keys=MODEL,
         )
+        # The replica's cost model (serve_app/replica/costmodel.py): what the scheduler believes.
+        self._cost_step_s = metrics.Gauge(
+            "artserve_cost_step_seconds",
+            "Cost model: estimated seconds of one denoiser call by batch key and batch size (whole calls: per call).",
+            tag_keys=("model", "key", "batch_size"),
+        )
+        self._cost_prepare_s = metrics.Gauge(
+            "artserve_cost_prepare_seconds", "Cost model: estimated seconds to prepare one image (text encoding).",
+            tag_keys=("model", "key"),
+        )
+        self._cost_finish_s = metrics.Gauge(
+            "artserve_cost_finish_seconds", "Cost model: estimated seconds to finish one image (VAE decode).",
+            tag_keys=("model", "key"),
+        )
+
+    def step_cost(self, key: str, batch_size: int, seconds: float) -> None:
+        self._cost_step_s.set(seconds, tags={**self._tags, "key": key, "batch_size": str(batch_size)})
+
+    def image_costs(self, key: str, prepare_s: float, finish_s: float) -> None:
+        tags = {**self._tags, "key": key}
+        self._cost_prepare_s.set(prepare_s, tags=tags)
+        self._cost_finish_s.set(finish_s, tags=tags)
 
     def step(self, images: int, seconds: float, *, whole_call: bool = False) -> None:
         self._step_batch.observe(images, tags=self._tags)

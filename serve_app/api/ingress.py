@@ -251,6 +251,7 @@ class ImageIngress:
         job = prepared.job
         await self._check_ready(prepared.model_id)
         response = self.handles[prepared.model_id].generate.remote(job)
+        called = time.monotonic()
         try:
             result: GenerationResult = await asyncio.wait_for(response, self.config.request_timeout_s)
         except TimeoutError:
@@ -260,6 +261,9 @@ class ImageIngress:
             raise _from_replica(exc) from None
         # The largest batch any of this request's denoising steps ran in: batching made visible.
         headers = {"x-artserve-batch-size": str(max(r.batch_size for r in result.images))}
+        # Server-Timing (ms): the handle call (to the replica and back) and the replica's own parts.
+        timings = {"handle": 1000 * (time.monotonic() - called), **result.timings_ms}
+        headers["server-timing"] = ", ".join(f"{name};dur={ms:.1f}" for name, ms in timings.items())
         return images_response(job, prepared.quality, result), headers
 
     async def model_card(self, model: ModelConfig) -> ModelCard:
@@ -309,9 +313,13 @@ def create_api(ingress: ImageIngress) -> FastAPI:
         # Serve's proxy takes `x-request-id` from the request (or makes one), returns it on
         # every response and tags its own log lines with it; we reuse the same id.
         request.state.request_id = _serve_request_id() or f"req_{secrets.token_hex(12)}"
+        started = time.monotonic()
         try:
             response = await call_next(request)
             response.headers["x-artserve-replica"] = replica  # which ingress replica answered
+            inner = response.headers.get("server-timing")
+            ingress_ms = f"ingress;dur={1000 * (time.monotonic() - started):.1f}"
+            response.headers["server-timing"] = f"{ingress_ms}, {inner}" if inner else ingress_ms
             return response
         except Exception:  # the last line of defence: never a bare 500 or a stack trace
             if await request.is_disconnected():  # the client left; Serve cancelled the work

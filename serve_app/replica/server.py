@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -61,15 +63,15 @@ class ModelServer:
         started = time.monotonic()
         self.engine = DiffusersEngine(model)
         self.runner = make_runner(self.engine)
-        whole_call = getattr(self.runner, "whole_call", False)
-        logger.info("model %s loaded in %.1fs (%s mode, up to %d images per step)", model.id,
-                    time.monotonic() - started, "call" if whole_call else "step", model.batching.max_batch_size)
+        batching = model.batching
+        policy = "call" if getattr(self.runner, "whole_call", False) else batching.policy
+        logger.info("model %s loaded in %.1fs (policy %s, up to %d images per step)", model.id,
+                    time.monotonic() - started, policy, batching.max_batch_size)
         self._encoders = ThreadPoolExecutor(4, thread_name_prefix="encode")  # encoding + uploads
         self._fatal: str | None = None
-        self.loop = StepLoop(
-            self.runner, StepScheduler(model.batching.max_batch_size, join_running=not whole_call),
-            self.metrics, self._engine_error,
-        )
+        scheduler = StepScheduler(batching.max_batch_size, policy, max_wait_factor=batching.max_wait_factor,
+                                  max_wait_s=batching.max_wait_s)
+        self.loop = StepLoop(self.runner, scheduler, self.metrics, self._engine_error)
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
         return await self._run(job, None)
@@ -106,14 +108,18 @@ class ModelServer:
             spec = ImageSpec(prompt=job.prompt, negative_prompt=job.negative_prompt, width=job.width,
                              height=job.height, steps=job.num_inference_steps, guidance=job.guidance_scale, seed=seed,
                              images=images, mask=mask, strength=1.0 if job.strength is None else job.strength)
-            key = ("alone", job.request_id, index) if job.deterministic else self.runner.batch_key(spec)
-            work = Work(Ticket(job.request_id, index, key, arrived), spec, _deliverer(loop, futures[index]))
+            key = self.runner.batch_key(spec)
+            ticket = Ticket(job.request_id, index, ("alone", job.request_id, index) if job.deterministic else key,
+                            arrived, steps=math.ceil(spec.steps * spec.strength), cost_key=key)
+            work = Work(ticket, spec, _deliverer(loop, futures[index]))
             if previews is not None and job.partial_images:
                 work.previews = job.partial_images
                 work.on_preview = _preview_sink(loop, previews)
             works.append(work)
         self.loop.submit(works)
-        finishing = [asyncio.ensure_future(self._finish(job, i, future, cancelled)) for i, future in enumerate(futures)]
+        decoded: list[float] = []  # when each image left the step loop
+        finishing = [asyncio.ensure_future(self._finish(job, i, future, cancelled, decoded))
+                     for i, future in enumerate(futures)]
         try:
             images = list(await asyncio.gather(*finishing))
         except BaseException:  # cancelled (client gone, timeout) or one image failed: stop the rest
@@ -122,13 +128,20 @@ class ModelServer:
             for task in finishing:
                 task.cancel()
             raise
-        return GenerationResult(images, self.engine.count_tokens(job.prompt))
+        tokens, done = self.engine.count_tokens(job.prompt), time.monotonic()
+        timings_ms = {"engine": 1000 * (max(decoded) - arrived), "encode": 1000 * (done - max(decoded))}
+        return GenerationResult(images, tokens, timings_ms)
 
     async def _encode_preview(self, job: GenerationJob, index: int, image) -> PartialImage:
         data = await asyncio.get_running_loop().run_in_executor(
             self._encoders, encode_image, image, job.output_format, job.output_compression
         )
         return PartialImage(index, base64.b64encode(data).decode())
+
+    def stats(self) -> dict[str, Any]:
+        """The step loop's counters and the cost model's estimates (benchmarks, operators)."""
+        return {"policy": self.loop.scheduler.policy, "loop": dataclasses.asdict(self.loop.stats),
+                "costs": self.loop.costs.snapshot()}
 
     def check_health(self) -> None:
         # A CUDA context that hit a fatal error stays broken: let Serve replace the replica.
@@ -151,10 +164,11 @@ class ModelServer:
         return GenerationError("Image generation failed.")
 
     async def _finish(self, job: GenerationJob, index: int, future: asyncio.Future,
-                      cancelled: threading.Event) -> ImageResult:
+                      cancelled: threading.Event, decoded: list[float]) -> ImageResult:
         """Wait for the image, then encode and store it on the encoder pool while the step
         loop goes on: an image leaves as soon as its own last step is decoded."""
         image, batch_size = await future
+        decoded.append(time.monotonic())
         return await asyncio.get_running_loop().run_in_executor(
             self._encoders, self._encode_store, job, index, image, batch_size, cancelled
         )

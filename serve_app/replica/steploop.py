@@ -1,10 +1,13 @@
 """The engine loop of one model replica, on its own thread: admit, step, retire, repeat.
 
 The event loop hands it `Work` (one image each) and cancels requests; the thread asks the
-pure scheduler what changes at each step boundary, lets the runner prepare newcomers, runs
-one denoiser call over the running batch, and decodes whatever finished. Results go back
-through each image's `deliver` callback (thread-safe, set by the caller). Nothing here
-touches the asyncio loop or does encoding/uploads: the loop only ever waits on the runner.
+pure scheduler what changes at each step boundary (giving it the time and the cost model),
+lets the runner prepare newcomers, runs one denoiser call over the batch the scheduler
+chose, and decodes whatever finished. It times prepare, step and finish into the replica's
+cost model (costmodel.py), which is how the scheduler learns what sharing a step saves here.
+Results go back through each image's `deliver` callback (thread-safe, set by the caller).
+Nothing here touches the asyncio loop or does encoding/uploads: the loop only ever waits on
+the runner.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from serve_app.replica.costmodel import CostModel, describe_key
 from serve_app.replica.scheduler import StepScheduler, Ticket
 
 logger = logging.getLogger("ray.serve")
@@ -49,11 +53,13 @@ class LoopStats:
 
 
 class StepLoop:
-    def __init__(self, runner: Any, scheduler: StepScheduler, metrics: Any, on_error: Callable[[Exception], Exception]):
+    def __init__(self, runner: Any, scheduler: StepScheduler, metrics: Any, on_error: Callable[[Exception], Exception],
+                 costs: CostModel | None = None):
         self.runner = runner
         self.scheduler = scheduler
         self.metrics = metrics
         self.on_error = on_error  # maps an engine exception to what the requests get
+        self.costs = costs or CostModel()
         self.stats = LoopStats()
         self._work: dict[int, Work] = {}  # id(ticket) -> work
         self._lock = threading.Condition()
@@ -110,14 +116,14 @@ class StepLoop:
                     self._lock.wait()
                 if self._stopped:
                     return
-                plan = self.scheduler.plan()
+                plan = self.scheduler.plan(time.monotonic(), self.costs)
                 evicted = [self._work.pop(id(t)) for t in plan.evict]
                 admitted = [self._work[id(t)] for t in plan.admit]
             self._count_cancelled(sum(w.state.remaining for w in evicted))
             with torch.inference_mode():
                 self._admit(admitted)
-                with self._lock:
-                    running = [self._work[id(t)] for t in self.scheduler.running if id(t) in self._work]
+                with self._lock:  # without the newcomers that failed to prepare
+                    running = [self._work[id(t)] for t in plan.batch if id(t) in self._work]
                 if not running:
                     continue
                 started = time.monotonic()
@@ -138,6 +144,12 @@ class StepLoop:
         except Exception as exc:
             self._fail(admitted, exc)
             return
+        key = admitted[0].ticket.costs_as
+        self.costs.observe_prepare(key, len(admitted), time.monotonic() - now)
+        self.metrics.image_costs(describe_key(key), self.costs.prepare_s(key), self.costs.finish_s(key))
+        with self._lock:  # what the runner will really run (an edit runs the last part of its schedule)
+            for work, state in zip(admitted, states, strict=True):
+                work.ticket.steps = state.remaining
         for work, state in zip(admitted, states, strict=True):
             work.state = state
             if work.previews and not getattr(self.runner, "whole_call", False):  # whole calls: no previews
@@ -153,26 +165,39 @@ class StepLoop:
             self._fail(running, exc)
             return True
         seconds = time.monotonic() - started
+        with self._lock:
+            self.scheduler.stepped([w.ticket for w in running])
         self.stats.steps += 1
         self.stats.image_steps += len(running)
         self.stats.step_s += seconds
         self.metrics.step(len(running), seconds, whole_call=getattr(self.runner, "whole_call", False))
+        self._learn(running[0].ticket.costs_as, len(running), seconds)
         for work in running:
             work.largest_batch = max(work.largest_batch, len(running))
         failed = [w for w in running if not self._preview(w)]
         finished = [w for w in running if w.state.done and w not in failed]
         if not finished:
             return False
+        decoding = time.monotonic()
         try:
             images = self.runner.finish([w.state for w in finished])
         except Exception as exc:
             self._fail(finished, exc)
             return True
+        key = finished[0].ticket.costs_as
+        self.costs.observe_finish(key, len(finished), time.monotonic() - decoding)
+        self.metrics.image_costs(describe_key(key), self.costs.prepare_s(key), self.costs.finish_s(key))
         self._retire(finished)
         self.metrics.images(len(finished))
         for work, image in zip(finished, images, strict=True):
             work.deliver(image, work.largest_batch)
         return True
+
+    def _learn(self, key: Any, size: int, seconds: float) -> None:
+        self.costs.observe_step(key, size, seconds)
+        measured = self.costs.measured_s(key, size)
+        if measured is not None:  # not the warm-up sample
+            self.metrics.step_cost(describe_key(key), size, measured)
 
     def _preview(self, work: Work) -> bool:
         """Previews due after this step (a position may repeat when steps are few)."""

@@ -50,7 +50,10 @@ def test_typo_in_a_key_names_the_file_and_key(tmp_path, tiny_sd):
         (lambda d: d["deployment"].update(max_ongoing_requests=0), "invalid Serve"),
         (lambda d: d.pop("source"), "source"),
         (lambda d: d.update(family="generic"), "generic pipelines are text-to-image only"),
-        (lambda d: d["batching"].update(mode="call"), "edits need the step engine"),
+        (lambda d: d["batching"].update(policy="call"), "edits need the step engine"),
+        (lambda d: d["batching"].update(policy="sjf"), r"batching\.policy"),
+        (lambda d: d["batching"].update(mode="turbo"), "not step or call"),
+        (lambda d: d["batching"].update(mode="step", policy="cost"), "contradicts policy"),
         (lambda d: d["edits"].update(max_input_images=2), "stable-diffusion edits from one image"),
         (lambda d: d["edits"].update(max_input_images=17), "max_input_images"),
         (lambda d: d.update(generations=False, edits={"enabled": False}), "would serve nothing"),
@@ -158,3 +161,11 @@ def test_benchmark_twin_differs_from_tiny_sd_only_in_batching():
     different = {key for key in original.keys() | twin.keys() if original.get(key) != twin.get(key)}
     assert different == {"id", "description", "batching"}
     assert twin["batching"]["max_batch_size"] == 1
+
+
+def test_batching_policy_defaults_to_cost_and_the_deprecated_mode_maps_onto_it(tmp_path, tiny_sd):
+    assert load_model_config(_write(tmp_path, tiny_sd)).batching.policy == "cost"
+    tiny_sd["batching"]["mode"] = "step"  # what the step engine was before policies: today's fixed
+    with pytest.warns(FutureWarning, match="write `policy: fixed`"):
+        batching = load_model_config(_write(tmp_path, tiny_sd)).batching
+    assert (batching.policy, batching.max_batch_size) == ("fixed", 4)

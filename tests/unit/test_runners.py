@@ -126,13 +126,13 @@ def test_batch_key_separates_sizes_and_cfg_but_not_steps_or_guidance():
     assert key != runner.batch_key(ImageSpec("a", None, 256, 256, 25, 1.0, 1))  # CFG off: one pass
 
 
-def test_generic_pipelines_and_call_mode_use_whole_calls():
+def test_generic_pipelines_and_the_call_policy_use_whole_calls():
     from serve_app.engine.pipeline import DiffusersEngine
     from serve_app.engine.runners import WholeCallRunner, make_runner
 
     assert isinstance(make_runner(DiffusersEngine(load_model_config(MODELS / "tiny-pixart.yaml"))), WholeCallRunner)
     config = load_model_config(MODELS / "tiny-flux.yaml")
-    config = config.model_copy(update={"batching": config.batching.model_copy(update={"mode": "call"}),
+    config = config.model_copy(update={"batching": config.batching.model_copy(update={"policy": "call"}),
                                        "edits": config.edits.model_copy(update={"enabled": False})})
     assert isinstance(make_runner(DiffusersEngine(config)), WholeCallRunner)
 

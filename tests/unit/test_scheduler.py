@@ -1,5 +1,7 @@
 """The step scheduler: pure policy, no torch, no Ray."""
 
+import math
+
 from serve_app.replica.scheduler import StepScheduler, Ticket
 
 A, B = ("256x256", False), ("512x512", False)
@@ -32,7 +34,7 @@ def test_waiting_images_join_a_running_batch_at_a_step_boundary():
 
 
 def test_whole_call_mode_admits_only_into_an_empty_batch():
-    s = StepScheduler(4, join_running=False)
+    s = StepScheduler(4, "call")
     s.submit(tickets("a", A))
     s.plan()
     s.submit(tickets("b", A))
@@ -100,3 +102,175 @@ def test_idle_only_when_nothing_waits_or_runs():
     s.plan()
     s.finished(list(s.running))
     assert s.idle()
+
+
+# -- the cost policy --------------------------------------------------------------------
+class Curve:
+    """Costs as the scheduler sees them: `step(size)` seconds a denoiser call, all trusted."""
+
+    def __init__(self, step, prepare_s: float = 0.0, finish_s: float = 0.0):
+        self.step = step
+        self.prepare, self.finish = prepare_s, finish_s
+
+    def step_s(self, key, size):
+        return self.step(size)
+
+    def step_error_s(self, key, size):
+        return 0.0
+
+    def prepare_s(self, key):
+        return self.prepare
+
+    def finish_s(self, key):
+        return self.finish
+
+    def trusted(self, key, size):
+        return True
+
+
+LINEAR = Curve(lambda b: 1.0 * b)  # this CPU: four images cost four times one
+FLAT = Curve(lambda b: 1.0 + 0.05 * b)  # a GPU with small work: sharing is nearly free
+
+
+def cost_tickets(request_id: str, steps: int, n: int = 1, key=A, at: float = 0.0) -> list[Ticket]:
+    return [Ticket(request_id, i, key, at, steps=steps) for i in range(n)]
+
+
+def run_steps(s: StepScheduler, costs, now: float, until=None) -> tuple[float, list[list[str]], dict[str, float]]:
+    """Drive the scheduler as the step loop does, in virtual time: plan, step, retire what
+    finished. Returns the time, each step's batch and each request's finish time."""
+    batches, finished = [], {}
+    while not s.idle() and (until is None or not until(finished)):
+        batch = s.plan(now, costs).batch
+        now += costs.step_s(A, len(batch))
+        s.stepped(batch)
+        batches.append(ids(batch))
+        done = [t for t in batch if t.done >= t.steps]
+        s.finished(done)
+        for t in done:
+            if not any(x.request_id == t.request_id for x in s.running + s.waiting):
+                finished[t.request_id] = now
+    return now, batches, finished
+
+
+def test_cost_runs_the_least_remaining_work_first_one_at_a_time_on_a_linear_curve():
+    s = StepScheduler(4, "cost", max_wait_factor=100)
+    s.submit(cost_tickets("long", 50) + cost_tickets("short", 10) + cost_tickets("mid", 25))
+    _, batches, finished = run_steps(s, LINEAR, 0.0)
+    assert sorted(finished, key=finished.get) == ["short", "mid", "long"]
+    assert finished == {"short": 10.0, "mid": 35.0, "long": 85.0}  # one request at a time: no step shared
+    assert {len(b) for b in batches} == {1}
+
+
+def test_cost_preempts_a_running_request_for_a_shorter_one_and_resumes_it():
+    s = StepScheduler(4, "cost", max_wait_factor=100)
+    s.submit(cost_tickets("long", 30))
+    now, _, _ = run_steps(s, LINEAR, 0.0, until=lambda _: s.running and s.running[0].done == 5)
+    s.submit(cost_tickets("short", 3, at=now))
+    plan = s.plan(now, LINEAR)
+    assert ids(plan.admit) == ["short#0"] and ids(plan.batch) == ["short#0"]
+    assert "long#0" in ids(s.running)  # paused with its state, not dropped
+    s.stepped(plan.batch)
+    _, batches, finished = run_steps(s, LINEAR, now + 1)
+    assert batches == [["short#0"]] * 2 + [["long#0"]] * 25  # then it resumed where it stopped, none repeated
+    assert finished["short"] < finished["long"]
+
+
+def test_cost_keeps_a_requests_images_together():
+    s = StepScheduler(4, "cost", max_wait_factor=100)
+    s.submit(cost_tickets("three", 5, n=3) + cost_tickets("two", 6, n=2) + cost_tickets("one", 10))
+    batch = s.plan(0.0, FLAT).batch
+    # On a flat curve everyone would share, in order of remaining work (three, two, one), but
+    # `two` does not fit beside `three` (3 + 2 > 4): it is not split; `one` fits.
+    assert sorted(ids(batch)) == ["one#0", "three#0", "three#1", "three#2"]
+    s2 = StepScheduler(4, "cost", max_wait_factor=100)
+    s2.submit(cost_tickets("pair", 10, n=2) + cost_tickets("single", 15))
+    assert ids(s2.plan(0.0, LINEAR).batch) == ["single#0"]  # 15 image-steps before 2 x 10, never half a pair
+
+
+def test_cost_grows_the_batch_only_while_the_curve_says_sharing_pays():
+    def first_batch(costs, waiting: int) -> int:
+        s = StepScheduler(8, "cost", max_wait_factor=100)
+        s.submit([t for i in range(waiting) for t in cost_tickets(f"r{i}", 20)])
+        return len(s.plan(0.0, costs).batch)
+
+    assert first_batch(LINEAR, 6) == 1  # sharing saves nothing: first come first served
+    assert first_batch(FLAT, 6) == 6  # sharing is nearly free: everyone, up to the cap
+    assert first_batch(FLAT, 12) == 8
+    # A mildly sublinear curve (each extra image costs 0.8 of one): sharing pays only when
+    # enough requests wait behind to gain from the time it saves.
+    mild = Curve(lambda b: 1.0 + 0.8 * (b - 1))
+    assert first_batch(mild, 2) == 1
+    assert first_batch(mild, 8) > 1
+
+
+def test_cost_probes_a_batch_size_it_has_not_measured_then_follows_the_measurement():
+    from serve_app.replica.costmodel import CostModel
+
+    costs = CostModel()
+    for size in (1, 1, 1):
+        costs.observe_step(A, size, 1.0)
+    s = StepScheduler(4, "cost", max_wait_factor=100)
+    s.submit(cost_tickets("a", 20) + cost_tickets("b", 20))
+    assert len(s.plan(0.0, costs).batch) == 2  # size 2 never measured: try it
+    for _ in range(3):
+        costs.observe_step(A, 2, 2.0)  # measured linear
+    assert len(s.plan(1.0, costs).batch) == 1
+
+
+def test_no_request_waits_past_its_bound_under_an_adversarial_stream_of_short_ones():
+    """One long request, and short ones arriving as fast as the device serves them (alone
+    they would keep it busy forever): the long one must finish by first come first served's
+    time + max_wait_factor x its own service time; without the bound it starves."""
+
+    def long_finish(max_wait_factor: float, horizon_s: float = 2000.0) -> float | None:
+        s = StepScheduler(4, "cost", max_wait_factor=max_wait_factor)
+        s.submit(cost_tickets("warm", 10) + cost_tickets("long", 50))
+        now, arrivals, finished = 0.0, iter(range(10**6)), {}
+        next_short = 0.0
+        while now < horizon_s and "long" not in finished:
+            while next_short <= now:
+                s.submit(cost_tickets(f"s{next(arrivals)}", 10, at=next_short))
+                next_short += 10.0  # one 10-step request every 10 s: load 1.0 from shorts alone
+            batch = s.plan(now, LINEAR).batch
+            now += len(batch)
+            s.stepped(batch)
+            done = [t for t in batch if t.done >= t.steps]
+            s.finished(done)
+            finished.update({t.request_id: now for t in done})
+        return finished.get("long")
+
+    # First come first served finishes it at 10 (warm) + 10 (the short at 0) + 50 = 70 s at
+    # the latest; the bound adds factor x 50 s.
+    for factor in (0.5, 1.0, 2.0):
+        finish = long_finish(factor)
+        assert finish is not None and finish <= 70 + factor * 50 + 1, (factor, finish)
+    assert long_finish(1e9) is None  # pure shortest-first: starved for the whole horizon
+
+
+def test_cost_cancellation_evicts_running_and_paused_images():
+    s = StepScheduler(4, "cost", max_wait_factor=100)
+    s.submit(cost_tickets("gone", 40, n=2))
+    s.stepped(s.plan(0.0, LINEAR).batch)
+    s.submit(cost_tickets("short", 5, at=1.0))
+    s.stepped(s.plan(1.0, LINEAR).batch)  # "gone" now sits out (prepared, paused)
+    assert s.cancel("gone") == []
+    plan = s.plan(2.0, LINEAR)
+    assert sorted(ids(plan.evict)) == ["gone#0", "gone#1"] and ids(plan.batch) == ["short#0"]
+    assert ids(s.running) == ["short#0"]
+
+
+def test_cost_serves_another_key_within_its_bound():
+    s = StepScheduler(4, "cost", max_wait_factor=1.0)
+    s.submit(cost_tickets("b", 20, key=B))  # one 20-step request of another size
+    now, finished = 0.0, {}
+    for i in range(40):  # a stream of short A requests, one every step: they alone would fill the device
+        s.submit(cost_tickets(f"a{i}", 3, at=now))
+        batch = s.plan(now, LINEAR).batch
+        assert len({t.key for t in batch}) == 1  # keys never mix in one call
+        now += len(batch)
+        s.stepped(batch)
+        done = [t for t in batch if t.done >= t.steps]
+        s.finished(done)
+        finished.update({t.request_id: now for t in done})
+    assert finished.get("b", math.inf) <= 20 + 20 + 1  # first come first served's 20 s + 1 x 20 s of slack

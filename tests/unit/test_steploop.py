@@ -36,6 +36,10 @@ class Recorder:
 
     def images(self, count): ...
 
+    def step_cost(self, key, batch_size, seconds): ...
+
+    def image_costs(self, key, prepare_s, finish_s): ...
+
 
 @pytest.fixture(scope="module")
 def engine():
@@ -64,7 +68,8 @@ def start(runner, cap: int = 4):
 
 
 def submit(loop, runner, request_id: str, specs, results: queue.Queue, order: int | None = None):
-    works = [Work(Ticket(request_id, i, runner.batch_key(s), time.monotonic()), s,
+    # steps as ModelServer sets them: the cost policy fixes a request's deadline when it first sees it
+    works = [Work(Ticket(request_id, i, runner.batch_key(s), time.monotonic(), steps=s.steps), s,
                   lambda out, batch, rid=request_id, i=i: results.put((rid, i, out, batch)))
              for i, s in enumerate(specs)]
     loop.submit(works)
@@ -141,7 +146,7 @@ def test_whole_call_mode_batches_same_shape_images_into_one_pipeline_call(engine
     from serve_app.engine.runners import WholeCallRunner
 
     whole = WholeCallRunner(engine)
-    loop = StepLoop(whole, StepScheduler(4, join_running=False), Recorder(), lambda exc: GenerationError(str(exc)))
+    loop = StepLoop(whole, StepScheduler(4, "call"), Recorder(), lambda exc: GenerationError(str(exc)))
     results: queue.Queue = queue.Queue()
     submit(loop, whole, "a", [spec(3, seed=s) for s in range(3)], results)
     outcomes = [results.get(timeout=60) for _ in range(3)]
@@ -161,3 +166,62 @@ def test_previews_are_decoded_after_their_steps(runner):
     final = results.get(timeout=60)
     loop.stop()
     assert len(previews) == 2 and all(p.size == final.size for p in previews)
+
+
+def linear_costs(runner, size: int = 128):
+    """A cost model that has already seen a linear curve, a second per image (slower than
+    this CPU: as batch 1 is re-measured at its real speed, sharing only looks worse)."""
+    from serve_app.replica.costmodel import CostModel
+
+    costs = CostModel()
+    key = runner.batch_key(spec(1, size=size))
+    for batch in (1, 2, 3, 4):
+        for _ in range(4):
+            costs.observe_step(key, batch, 1.0 * batch)
+    return costs
+
+
+def test_cost_policy_pauses_a_long_image_for_a_short_one_and_resumes_it_unchanged(runner):
+    results: queue.Queue = queue.Queue()
+    alone = StepLoop(runner, StepScheduler(4, "cost"), Recorder(), lambda exc: GenerationError(str(exc)))
+    submit(alone, runner, "alone", [spec(20, seed=7)], results)
+    expected = results.get(timeout=60)[2]
+    alone.stop()
+
+    metrics = Recorder()
+    loop = StepLoop(runner, StepScheduler(4, "cost", max_wait_factor=10), metrics,
+                    lambda exc: GenerationError(str(exc)), costs=linear_costs(runner))
+    submit(loop, runner, "long", [spec(20, seed=7)], results)
+    while loop.stats.steps < 3:
+        time.sleep(0.002)
+    submit(loop, runner, "short", [spec(3, seed=2)], results)
+    first, second = results.get(timeout=60), results.get(timeout=60)
+    loop.stop()
+    assert (first[0], second[0]) == ("short", "long")  # the short one went first
+    assert first[3] == 1 and second[3] == 1  # on a linear curve nothing shares a step
+    assert loop.stats.image_steps == 23  # the long image was paused, not restarted
+    assert second[2].tobytes() == expected.tobytes()  # and resumed exactly where it stopped
+
+
+def test_the_loop_teaches_the_cost_model_what_a_step_costs(runner):
+    class Costs(Recorder):
+        def __init__(self):
+            super().__init__()
+            self.gauges = []
+
+        def step_cost(self, key, batch_size, seconds):
+            self.gauges.append((key, batch_size, seconds))
+
+    metrics = Costs()
+    loop = StepLoop(runner, StepScheduler(4), metrics, lambda exc: GenerationError(str(exc)))
+    results: queue.Queue = queue.Queue()
+    for i in range(3):
+        submit(loop, runner, f"r{i}", [spec(4, seed=i), spec(4, seed=i + 10)], results)
+    for _ in range(6):
+        results.get(timeout=60)
+    loop.stop()
+    [row] = loop.costs.snapshot()
+    assert row["key"] == "128x128"  # FLUX: no CFG pass
+    assert all(seconds > 0 for seconds in row["step_s"].values()) and row["prepare_s"] > 0 and row["finish_s"] > 0
+    # exported for each size run more than once (the first call at a size is warm-up)
+    assert {size for _, size, _ in metrics.gauges} == {b for b in metrics.steps if metrics.steps.count(b) > 1}

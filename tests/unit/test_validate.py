@@ -84,3 +84,15 @@ def test_hub_models_pin_a_commit():
         data = yaml.safe_load(path.read_text())
         if not data["source"].startswith(("tiny:", "gs://", "/", ".")):
             assert re.fullmatch(r"[0-9a-f]{40}", str(data.get("revision"))), path.name
+
+
+def test_the_deprecated_batching_mode_still_validates_and_says_what_to_write(tmp_path):
+    def change(d):
+        d["batching"]["mode"] = "call"
+        d["edits"] = {"enabled": False}
+
+    path = broken_copy(tmp_path, "models/tiny-flux.yaml", change)
+    result = validate(path)
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {path}: batching.mode is deprecated: write `policy: call` instead of `mode: call`" \
+        in result.stderr

@@ -25,8 +25,8 @@ __all__ = ["STEP_RUNNERS", "DenoiseState", "ImageSpec", "Runner", "WholeCallRunn
 
 def make_runner(engine: DiffusersEngine) -> Runner | WholeCallRunner:
     """The model's step runner, or the whole-call path for `generic` pipelines and
-    `batching.mode: call`."""
+    `batching.policy: call`."""
     model = engine.model
-    if model.batching.mode == "step" and model.family in STEP_RUNNERS:
+    if model.batching.policy != "call" and model.family in STEP_RUNNERS:
         return STEP_RUNNERS[model.family](engine.pipeline, model, engine.device)
     return WholeCallRunner(engine)

@@ -1,6 +1,6 @@
 """The whole-call path: one `pipeline(...)` call per batch, behind the same runner contract
 (one "step" runs every denoising step). For `generic` pipelines, whose loop ArtServe does not
-own, and for models configured with `batching.mode: call`."""
+own, and for models configured with `batching.policy: call`."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class WholeCallRunner:
     def prepare(self, specs: list[ImageSpec]) -> list[CallState]:
         if any(spec.image is not None for spec in specs):
             raise ValueError(f"model {self.engine.model.id!r} cannot edit images: its pipeline runs as whole calls "
-                             "(generic family or batching.mode: call); edits need a step runner")
+                             "(generic family or batching.policy: call); edits need a step runner")
         return [CallState(spec) for spec in specs]
 
     def step(self, states: list[CallState]) -> None:

@@ -1,0 +1,185 @@
+"""What a step costs on this replica, learned from the step loop's own timings. Pure Python
+(no torch, no Ray, no clock): the loop reports seconds, the scheduler asks for estimates.
+
+Per batch key (size, CFG on/off) and batch size, a moving average of the seconds one
+denoiser call took; per key, the seconds per image of `prepare` (text encoding, first
+latents) and of `finish` (VAE decode). An estimate for a batch size not measured yet is
+linear from the nearest measured size (the pessimistic guess: batching saves nothing until
+it is seen to), and interpolated between measured sizes. A key never measured borrows the
+per-image cost of the keys that were.
+
+The first sample of every (key, size) is dropped: the first call at a new shape pays for
+allocation, kernel autotuning or compilation (seconds, under torch.compile) and would make
+a size look ruinous forever. A size is `trusted` once it has `TRUSTED_SAMPLES` samples and
+was measured recently (within `STALE_AFTER` of the key's other observations): the cost
+policy probes sizes that are not, so the curve is measured by running it, and re-measured
+when the machine's speed drifts (a noisy neighbour slows batch 1 while batch 2's old figure
+would make sharing look cheap).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+ALPHA = 0.2  # weight of the newest sample: about the last ten samples count
+TRUSTED_SAMPLES = 2  # samples after the dropped warm-up one before a size's estimate is used
+STALE_AFTER = 300  # observations of a key's other sizes after which a size is re-measured
+MAX_KEYS = 32  # keys remembered (the least recently seen are forgotten): sizes are open-ended
+DEFAULT_STEP_S = 1.0  # before anything is measured: only the ratios between requests matter
+
+
+@dataclass
+class Average:
+    """An exponential moving average (and variance) that drops its first sample."""
+
+    value: float = 0.0
+    variance: float = 0.0  # of one sample, exponentially weighted like the mean
+    samples: int = 0  # kept (after the dropped one)
+    seen: int = 0  # offered, including the dropped one
+    at: int = 0  # the key's observation count when last updated (staleness)
+
+    def add(self, seconds: float, at: int) -> None:
+        self.seen += 1
+        self.at = at
+        if self.seen == 1:
+            return
+        if self.samples == 0:
+            self.value = seconds
+        else:
+            delta = seconds - self.value
+            self.value += ALPHA * delta
+            self.variance = (1 - ALPHA) * (self.variance + ALPHA * delta * delta)
+        self.samples += 1
+
+    @property
+    def error(self) -> float:
+        """Standard error of the average (an EMA weighs about (2 - ALPHA) / ALPHA samples)."""
+        return math.sqrt(self.variance * ALPHA / (2 - ALPHA))
+
+
+@dataclass
+class KeyCosts:
+    steps: dict[int, Average]
+    prepare: Average
+    finish: Average
+    observations: int = 0
+    curve: list[tuple[int, float]] | None = None  # measured (size, seconds), sorted; None: recompute
+    estimates: dict[int, float] = field(default_factory=dict)  # step_s by size, from `curve`
+
+
+class CostModel:
+    """Implements the scheduler's `Costs` protocol from measurements."""
+
+    def __init__(self, *, max_keys: int = MAX_KEYS):
+        self._keys: OrderedDict[Hashable, KeyCosts] = OrderedDict()
+        self._max_keys = max_keys
+
+    # -- what the step loop reports -------------------------------------------------
+    def observe_step(self, key: Hashable, size: int, seconds: float) -> None:
+        costs = self._entry(key)
+        costs.observations += 1
+        costs.steps.setdefault(size, Average()).add(seconds, costs.observations)
+        costs.curve = None
+        costs.estimates.clear()
+
+    def observe_prepare(self, key: Hashable, images: int, seconds: float) -> None:
+        self._entry(key).prepare.add(seconds / images, 0)
+
+    def observe_finish(self, key: Hashable, images: int, seconds: float) -> None:
+        self._entry(key).finish.add(seconds / images, 0)
+
+    # -- what the scheduler asks ------------------------------------------------------
+    def step_s(self, key: Hashable, size: int) -> float:
+        """Estimated seconds of one denoiser call over `size` images of this key."""
+        costs = self._keys.get(key)
+        if costs is None:
+            return size * self._borrowed_per_image()
+        estimate = costs.estimates.get(size)
+        if estimate is None:
+            if costs.curve is None:
+                costs.curve = sorted((s, a.value) for s, a in costs.steps.items() if a.samples)
+            estimate = interpolate(costs.curve, size) if costs.curve else size * self._borrowed_per_image()
+            costs.estimates[size] = estimate
+        return estimate
+
+    def measured_s(self, key: Hashable, size: int) -> float | None:
+        """The moving average at exactly this size, None before a sample was kept."""
+        costs = self._keys.get(key)
+        average = costs.steps.get(size) if costs else None
+        return average.value if average is not None and average.samples else None
+
+    def step_error_s(self, key: Hashable, size: int) -> float:
+        """How uncertain `step_s` is: the standard error of a measured size, a tenth of the
+        estimate for one that is not."""
+        costs = self._keys.get(key)
+        average = costs.steps.get(size) if costs else None
+        if average is None or average.samples < TRUSTED_SAMPLES:
+            return 0.1 * self.step_s(key, size)
+        return average.error
+
+    def trusted(self, key: Hashable, size: int) -> bool:
+        costs = self._keys.get(key)
+        average = costs.steps.get(size) if costs else None
+        if average is None or average.samples < TRUSTED_SAMPLES:
+            return False
+        return costs.observations - average.at <= STALE_AFTER  # type: ignore[union-attr]
+
+    def prepare_s(self, key: Hashable) -> float:
+        costs = self._keys.get(key)
+        return costs.prepare.value if costs and costs.prepare.samples else 0.0
+
+    def finish_s(self, key: Hashable) -> float:
+        costs = self._keys.get(key)
+        return costs.finish.value if costs and costs.finish.samples else 0.0
+
+    # -- what operators see -----------------------------------------------------------
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Per key: measured step seconds by batch size (with sample counts), prepare and
+        finish seconds per image. For the replica's stats and the benchmarks."""
+        return [
+            {"key": describe_key(key),
+             "step_s": {size: round(a.value, 6) for size, a in sorted(c.steps.items()) if a.samples},
+             "samples": {size: a.samples for size, a in sorted(c.steps.items()) if a.samples},
+             "prepare_s": round(c.prepare.value, 6), "finish_s": round(c.finish.value, 6)}
+            for key, c in self._keys.items()
+        ]
+
+    def _entry(self, key: Hashable) -> KeyCosts:
+        costs = self._keys.get(key)
+        if costs is None:
+            costs = self._keys[key] = KeyCosts({}, Average(), Average())
+            if len(self._keys) > self._max_keys:
+                self._keys.popitem(last=False)
+        self._keys.move_to_end(key)
+        return costs
+
+    def _borrowed_per_image(self) -> float:
+        per_image = [a.value / s for c in self._keys.values() for s, a in c.steps.items() if a.samples]
+        return sum(per_image) / len(per_image) if per_image else DEFAULT_STEP_S
+
+
+def interpolate(curve: list[tuple[int, float]], size: int) -> float:
+    """Seconds at `size` from measured (size, seconds) points, sorted: interpolated between
+    them, linear from the nearest one outside them."""
+    at = bisect.bisect_left(curve, (size, -math.inf))
+    if at < len(curve) and curve[at][0] == size:
+        return curve[at][1]
+    if 0 < at < len(curve):
+        (s0, v0), (s1, v1) = curve[at - 1], curve[at]
+        return v0 + (v1 - v0) * (size - s0) / (s1 - s0)
+    s, v = curve[-1] if at else curve[0]
+    return v * size / s
+
+
+def describe_key(key: Hashable) -> str:
+    """A metric label for a batch key: `256x256`, `256x256+cfg` (step runners' (w, h, cfg)),
+    the tuple's text otherwise (whole-call keys carry steps and guidance too)."""
+    if isinstance(key, tuple) and len(key) == 3 and all(isinstance(k, int) for k in key[:2]) \
+            and isinstance(key[2], bool):
+        return f"{key[0]}x{key[1]}" + ("+cfg" if key[2] else "")
+    return "/".join(str(k) for k in key) if isinstance(key, tuple) else str(key)

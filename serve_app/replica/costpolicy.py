@@ -1,0 +1,174 @@
+"""The `cost` policy of the step scheduler: which prepared or waiting images run the next
+denoiser call, from what each request still has to do and what a step costs. Pure (no torch,
+no Ray, no clock): `now` and the costs are inputs, as for the scheduler.
+
+A diffusion request's work is known when it arrives: its images x steps x the cost of a step.
+So, at every step boundary:
+
+1. Order requests by remaining work (seconds alone, from where they are), shortest first:
+   for a mean response time, shortest-remaining-work-first is the order to beat. A request's
+   images stay together (its response needs all of them). Preemptive: a prepared image may sit
+   out steps and resume later; its state stays in memory.
+2. Bound the waiting. A request's deadline is fixed when it is first seen: when first come
+   first served would finish it (the work already in the replica, then its own, at the pace
+   of the last batch) plus its slack, `max_wait_factor` x its own service time (at most
+   `max_wait_s`). Shorter requests overtake it only while that slack lasts; once it would
+   miss the deadline at the batch's pace it is urgent, and urgent requests go first, earliest
+   deadline first. No request starves, whatever stream of short ones arrives.
+3. Grow the batch, in that order, only while sharing pays (`sharing_pays`): the running
+   requests lose what the newcomers add to each step, the newcomers and everyone behind
+   them (waiting now, or arriving before the work drains) gain what sharing saves. On a
+   linear curve (this CPU) that is one request at a time; on a sublinear one (a GPU with
+   small work) the batch follows the curve, up to the cap.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from serve_app.replica.scheduler import Costs, Ticket
+
+# Sharing counts only when it saves more than this many standard errors of the measured
+# costs: on a linear device a saving that is only noise would turn one-at-a-time order into
+# processor sharing.
+NOISE_ERRORS = 2.0
+MAX_LOAD = 0.9  # the arrival term's 1 / (1 - load) stays finite near saturation
+ARRIVAL_WEIGHT = 0.1  # of the newest gap in the moving average of gaps between requests
+
+
+@dataclass
+class Group:
+    """The unfinished images of one request (of one key)."""
+
+    tickets: list[Ticket]
+    steps_left: int = 0
+    extra_s: float = 0.0  # prepare + finish of its images
+    remaining_s: float = 0.0  # alone, from where it is
+    service_s: float = 0.0  # alone, from the start
+    deadline_s: float = math.inf
+    urgent: bool = False
+
+    @property
+    def key(self) -> Hashable:
+        return self.tickets[0].key
+
+    @property
+    def costs_as(self) -> Hashable:
+        return self.tickets[0].costs_as
+
+    @property
+    def request_id(self) -> str:
+        return self.tickets[0].request_id
+
+
+class CostPolicy:
+    def __init__(self, cap: int, max_wait_factor: float, max_wait_s: float):
+        self.cap = cap
+        self.max_wait_factor = max_wait_factor
+        self.max_wait_s = max_wait_s
+        self._deadlines: dict[str, float] = {}  # request id -> when it must finish
+        self._last_size = 1  # images in the last batch: the pace deadlines are judged at
+        self._last_arrival_s: float | None = None
+        self._gap_s: float | None = None  # moving average of the gaps between arrivals
+
+    def forget(self, request_id: str) -> None:
+        """The request left (finished, failed or cancelled)."""
+        self._deadlines.pop(request_id, None)
+
+    def choose(self, running: list[Ticket], waiting: list[Ticket], now: float, costs: Costs) -> list[Ticket]:
+        """The tickets of the next denoiser call (running ones first within a request)."""
+        groups: dict[tuple[str, Hashable], Group] = {}
+        for ticket in itertools.chain(running, waiting):
+            groups.setdefault((ticket.request_id, ticket.key), Group([])).tickets.append(ticket)
+        if not groups:
+            return []
+        known: dict[tuple[Hashable, int], tuple[float, float]] = {}
+        for group in groups.values():
+            self._assess(group, costs, known)
+        self._set_deadlines(groups.values(), now, costs)
+        order = sorted(groups.values(), key=lambda g: (not g.urgent, g.deadline_s if g.urgent else g.remaining_s,
+                                                       g.tickets[0].order))
+        coming = self._arriving(order)
+        head = order[0]
+        batch, requests = head.tickets[: self.cap], 1
+        for position, group in enumerate(order[1:], start=2):
+            if len(batch) == self.cap:
+                break
+            if group.key != head.key or len(group.tickets) > self.cap - len(batch):
+                continue  # a request's images stay together
+            if not sharing_pays(costs, group.costs_as, len(batch), len(group.tickets), requests,
+                                behind=len(order) - position + coming):
+                break
+            batch = batch + group.tickets
+            requests += 1
+        self._last_size = len(batch)
+        return batch
+
+    def _assess(self, group: Group, costs: Costs, known: dict) -> None:
+        """Seconds of a request's images run together (in calls of at most `cap`)."""
+        key, n = group.costs_as, len(group.tickets)
+        if (key, n) not in known:  # (seconds a step, seconds outside steps) per request size
+            known[key, n] = (costs.step_s(key, min(n, self.cap)) * math.ceil(n / self.cap),
+                             n * (costs.prepare_s(key) + costs.finish_s(key)))
+        per_step, group.extra_s = known[key, n]
+        group.steps_left = max(t.steps - t.done for t in group.tickets)
+        group.service_s = group.tickets[0].steps * per_step + group.extra_s
+        group.remaining_s = group.steps_left * per_step + group.extra_s
+
+    def _set_deadlines(self, groups: Iterable[Group], now: float, costs: Costs) -> None:
+        size, paced = self._last_size, {}
+
+        def pace_s(group: Group) -> float:  # a step of a batch like the last one
+            if group.costs_as not in paced:
+                paced[group.costs_as] = costs.step_s(group.costs_as, size)
+            return paced[group.costs_as]
+
+        def drain_s(group: Group) -> float:  # its images' share of such batches
+            return group.steps_left * len(group.tickets) * pace_s(group) / size + group.extra_s
+
+        ahead_s = sum(drain_s(g) for g in groups if g.request_id in self._deadlines)
+        for group in sorted(groups, key=lambda g: g.tickets[0].order):
+            if group.request_id not in self._deadlines:
+                ahead_s += drain_s(group)
+                slack_s = min(self.max_wait_factor * group.service_s, self.max_wait_s)
+                self._deadlines[group.request_id] = now + max(ahead_s, group.service_s) + slack_s
+                self._note_arrival(group.tickets[0].arrived_s)
+            group.deadline_s = self._deadlines[group.request_id]
+            paced_s = group.steps_left * pace_s(group) * math.ceil(len(group.tickets) / size) + group.extra_s
+            group.urgent = now + max(paced_s, group.remaining_s) >= group.deadline_s
+
+    def _note_arrival(self, arrived_s: float) -> None:
+        if self._last_arrival_s is not None and arrived_s > self._last_arrival_s:
+            gap_s = arrived_s - self._last_arrival_s
+            self._gap_s = gap_s if self._gap_s is None else (1 - ARRIVAL_WEIGHT) * self._gap_s + ARRIVAL_WEIGHT * gap_s
+        self._last_arrival_s = arrived_s
+
+    def _arriving(self, order: list[Group]) -> float:
+        """Requests not here yet that gain from every second sharing saves too: those that
+        arrive before the work in hand drains (arrival rate x work / (1 - load))."""
+        if not self._gap_s:
+            return 0.0
+        rate = 1 / self._gap_s
+        load = min(MAX_LOAD, rate * sum(g.service_s for g in order) / len(order))
+        return rate * sum(g.remaining_s for g in order) / (1 - load)
+
+
+def sharing_pays(costs: Costs, key: Hashable, size: int, joining: int, requests: int, behind: float) -> bool:
+    """Whether `joining` images should join a batch of `size` images from `requests` requests,
+    with `behind` requests after them. Per shared step, each running request is delayed by
+    what the newcomers add to the call (`together - alone`), and the newcomers and everyone
+    behind them gain what sharing saves over running the newcomers afterwards (`saving`):
+    comparing the two orders of two requests gives exactly that, whatever their steps. On a
+    linear curve nothing is saved; on a flat one everything joins. A size whose cost is not
+    measured (or was measured long ago) is probed: it joins, and is measured."""
+    if not costs.trusted(key, size + joining):
+        return True
+    alone, together = costs.step_s(key, size), costs.step_s(key, size + joining)
+    noise = NOISE_ERRORS * math.sqrt(sum(costs.step_error_s(key, s) ** 2 for s in (size, joining, size + joining)))
+    saving = alone + costs.step_s(key, joining) - together - noise
+    return (behind + 1) * saving > requests * (together - alone)
