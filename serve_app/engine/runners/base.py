@@ -31,6 +31,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from serve_app.config import ModelConfig
+from serve_app.engine import composite
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class ImageSpec:
     image: Any = None
     mask: Any = None
     strength: float = 1.0
+    # Inpainting: return the input's own pixels where the mask keeps them (engine/composite.py);
+    # False: the model's raw output, diffusers' Inpaint pipelines' image.
+    preserve_unmasked: bool = True
 
 
 @dataclass(eq=False)
@@ -94,6 +98,8 @@ class Runner:
     default_max_shift = 1.15
     #: the Inpaint pipeline starts from pure noise at strength 1.0 (FLUX's noises the image)
     inpaint_from_noise = True
+    #: what previews are decoded with (engine/previews.py; set by make_runner); None: the VAE
+    preview_decoder: Any = None
 
     def __init__(self, pipeline: Any, model: ModelConfig, device: str):
         self.pipe = pipeline
@@ -129,12 +135,31 @@ class Runner:
 
     def finish(self, states: list[DenoiseState]) -> list[Image.Image]:
         latents = torch.cat([s.latents for s in states])
-        return self.decode(latents, states)
+        return [self.kept_pixels(s, image) for s, image in zip(states, self.decode(latents, states), strict=True)]
 
     def preview(self, state: DenoiseState) -> Image.Image:
         """The current estimate of the final image (the scheduler's x0 prediction), decoded
-        by the model's own VAE: what a streamed partial image shows."""
-        return self.decode(state.x0 if state.x0 is not None else state.latents, [state])[0]
+        cheaply by the model's preview decoder, or by its own VAE without one: what a streamed
+        partial image shows. Nothing of the state changes: the final image is the same."""
+        latents = state.x0 if state.x0 is not None else state.latents
+        if self.preview_decoder is None:
+            image = self.decode(latents, [state])[0]
+        else:
+            spec = state.spec
+            pixels = self.preview_decoder.decode(self.unpacked(latents, spec), spec.height, spec.width)
+            image = self.pipe.image_processor.postprocess(pixels, output_type="pil")[0]
+        return self.kept_pixels(state, image)
+
+    def unpacked(self, latents: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
+        """Latents as a preview decoder takes them, (1, channels, H/8, W/8): FLUX unpacks its 2x2 patches."""
+        return latents
+
+    def kept_pixels(self, state: DenoiseState, image: Image.Image) -> Image.Image:
+        """An inpainting's image with the input's own pixels where the mask keeps them."""
+        spec = state.spec
+        if spec.mask is None or not spec.preserve_unmasked:
+            return image
+        return composite.keep_unmasked(spec.image, spec.mask, image, self.model.edits.mask_feather_px)
 
     def estimate(self, state: DenoiseState, output: torch.Tensor, stepped: Any) -> torch.Tensor | None:
         """x0 from the step: the scheduler's own prediction where it gives one (DDIM, Euler)."""
