@@ -105,7 +105,8 @@ class ModelServer:
         for index, seed in enumerate(job.seeds):
             spec = ImageSpec(prompt=job.prompt, negative_prompt=job.negative_prompt, width=job.width,
                              height=job.height, steps=job.num_inference_steps, guidance=job.guidance_scale, seed=seed,
-                             image=image, mask=mask, strength=1.0 if job.strength is None else job.strength)
+                             image=image, mask=mask, strength=1.0 if job.strength is None else job.strength,
+                             preserve_unmasked=job.preserve_unmasked)
             key = ("alone", job.request_id, index) if job.deterministic else self.runner.batch_key(spec)
             work = Work(Ticket(job.request_id, index, key, arrived), spec, _deliverer(loop, futures[index]))
             if previews is not None and job.partial_images:
