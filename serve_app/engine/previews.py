@@ -165,8 +165,8 @@ def build_decoder(settings: PreviewSettings, family: str, vae: Any, device: str,
     """The model's preview decoder, or None for `full` (the runner's own VAE decode)."""
     if settings.decoder == "full":
         return None
-    channels = vae.config.latent_channels
     try:
+        channels = vae.config.latent_channels
         if settings.decoder == "tae":
             assert settings.tae is not None  # the config requires it
             decoder: Any = TinyAutoencoder(load_tae(settings.tae, channels, vae.dtype, device))

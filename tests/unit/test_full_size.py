@@ -22,6 +22,8 @@ CLIP_L_PROJECTED = 123_650_304  # CLIPTextModelWithProjection (SD3): + the 768 x
 CLIP_G = 694_659_840  # OpenCLIP bigG as CLIPTextModelWithProjection
 SDXL_UNET = 2_567_463_684
 SDXL_VAE = 83_653_863
+SD2_UNET = 865_910_724  # SD 2.x's UNet, which SD-Turbo distils
+SD2_TEXT_ENCODER = 340_387_840  # OpenCLIP ViT-H/14's text tower as CLIPTextModel
 FLOW_VAE = 83_819_683  # FLUX.1 and SD3: 16 latent channels, no quant convs
 # keras-hub's SD3.5-large preset counts CLIP-L + CLIP-G + MMDiT + VAE, and the MMDiT's stored
 # 192 x 192 position-embedding table (a fixed buffer, not a parameter); the same accounting
@@ -40,9 +42,13 @@ PUBLISHED = {
     "sdxl-turbo": {"unet": SDXL_UNET, "text_encoder": CLIP_L, "text_encoder_2": CLIP_G, "vae": SDXL_VAE},
     "sd3.5-large": {"transformer": SD35_LARGE_MMDIT, "text_encoder": CLIP_L_PROJECTED, "text_encoder_2": CLIP_G,
                     "text_encoder_3": T5_XXL_ENCODER, "vae": FLOW_VAE},
+    "sd-turbo": {"unet": SD2_UNET, "text_encoder": SD2_TEXT_ENCODER, "vae": SDXL_VAE},  # SD's VAE = SDXL's shape
 }
 PIPELINE_CLASS = {"flux": "FluxPipeline", "stable-diffusion-xl": "StableDiffusionXLPipeline",
-                  "stable-diffusion-3": "StableDiffusion3Pipeline"}
+                  "stable-diffusion-3": "StableDiffusion3Pipeline", "stable-diffusion": "StableDiffusionPipeline"}
+# Where each model's memory row is documented: the README's catalog table, or (sd-turbo, the CPU
+# model) docs/laptop.md until the README links it.
+DOCS = ("README.md", "docs/laptop.md")
 
 
 def model_config(model_id):
@@ -97,6 +103,17 @@ def test_tokenizers_have_the_real_prompt_lengths_and_encoders_the_real_vocabular
         assert len(ids[0]) == tokenizer.model_max_length and max(ids[0]) < encoder.config.vocab_size
 
 
+def test_sd_turbo_is_sd21_shaped_with_trailing_euler(pipelines):
+    """SD-Turbo is SD 2.1 distilled: its UNet attends to the 1024-wide OpenCLIP states; its
+    scheduler must start at the last timestep (trailing) for one step to work."""
+    pipeline = pipelines["sd-turbo"]
+    assert pipeline.unet.config.cross_attention_dim == pipeline.text_encoder.config.hidden_size == 1024
+    assert type(pipeline.scheduler).__name__ == "EulerDiscreteScheduler"
+    assert pipeline.scheduler.config.timestep_spacing == "trailing"
+    pipeline.scheduler.set_timesteps(1)
+    assert int(pipeline.scheduler.timesteps[0]) == 999
+
+
 def test_schedulers_follow_the_published_configs(pipelines):
     assert pipelines["flux-dev"].scheduler.config.use_dynamic_shifting
     assert not pipelines["flux-schnell"].scheduler.config.use_dynamic_shifting
@@ -110,12 +127,13 @@ def test_schedulers_follow_the_published_configs(pipelines):
 def test_readme_memory_figures_are_the_computed_ones(pipelines, model_id):
     sizes = full_size.weight_bytes(pipelines[model_id])
     denoiser = "transformer" if "transformer" in sizes else "unet"
-    [row] = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith(f"| `{model_id}` |")]
+    lines = [line for doc in DOCS for line in (ROOT / doc).read_text().splitlines()]
+    row = next(line for line in lines if line.startswith(f"| `{model_id}` |"))
     memory_cell = row.split("|")[5]
     dtype = model_config(model_id).dtype
     assert f"{sum(sizes.values()) / 1e9:.1f} GB weights" in memory_cell
     assert f"{dtype}: {sizes[denoiser] / 1e9:.1f} GB {denoiser}" in memory_cell
-    assert re.search(r"\d+ \N{MULTIPLICATION SIGN} (H100|L4)", memory_cell)
+    assert re.search(r"\d+ \N{MULTIPLICATION SIGN} (H100|L4)|CPU", memory_cell)
 
 
 def test_flux_dev_pipeline_runs_a_step_at_full_size_on_meta(pipelines):

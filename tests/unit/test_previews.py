@@ -43,6 +43,18 @@ def decoder(model_id: str, name: str):
     return previews.build_decoder(settings, engine.model.family, engine.pipeline.vae, "cpu", model_id)
 
 
+@pytest.fixture
+def serve_log(caplog):
+    """The replica's log lines ("ray.serve": importing Ray Serve stops them propagating to pytest's handler)."""
+    import ray.serve  # noqa: F401 - configures the logger first
+
+    logger = logging.getLogger("ray.serve")
+    propagate, logger.propagate = logger.propagate, True
+    with caplog.at_level(logging.WARNING, logger="ray.serve"):
+        yield caplog
+    logger.propagate = propagate
+
+
 @contextlib.contextmanager
 def decoding_with(runner, preview_decoder):
     """The runner's previews decoded with `preview_decoder` for the block (the runners are shared)."""
@@ -105,6 +117,18 @@ def test_an_inpaint_preview_shows_the_input_where_the_mask_keeps():
     assert (kept == (200, 30, 60)).all()
 
 
+def test_a_decoder_that_fails_on_the_latents_falls_back_to_the_full_decode(serve_log):
+    """E.g. a new family whose latents need unpacking it does not declare: the request goes on."""
+    runner = load("tiny-sd")[1]
+    sixteen_channels = previews.LatentRGB(torch.zeros(16, 3), torch.zeros(3))  # tiny-sd's latents have 4
+    with decoding_with(runner, sixteen_channels), torch.inference_mode():
+        [state] = runner.prepare([spec()])
+        runner.step([state])
+        image = runner.preview(state)
+        assert runner.preview_decoder is None  # the full decode from now on
+    assert image.size == (WIDTH, HEIGHT) and "latent_rgb preview decoder failed" in serve_log.text
+
+
 def test_the_fit_recovers_a_linear_decoder():
     """Least squares against a "VAE" that is exactly linear per latent pixel finds its map."""
     true_map = torch.tensor([[0.5, -0.2, 0.1], [0.0, 0.3, -0.4], [0.2, 0.2, 0.2], [-0.1, 0.0, 0.6]])
@@ -130,23 +154,23 @@ def test_tiny_tae_is_the_same_every_time_and_moves_no_one_elses_random_numbers()
         assert torch.equal(a, b)
 
 
-def test_a_local_tae_directory_loads_and_a_wrong_one_falls_back_to_the_full_decode(tmp_path, caplog):
+def test_a_local_tae_directory_loads_and_a_wrong_one_falls_back_to_the_full_decode(tmp_path, serve_log):
     vae = load("tiny-flux")[0].pipeline.vae
     previews.tiny_tae(4).save_pretrained(tmp_path / "tae4")
     previews.tiny_tae(16).save_pretrained(tmp_path / "tae16")
     local = PreviewSettings(decoder="tae", tae=TinyAutoencoderSource(source=str(tmp_path / "tae4")))
     assert isinstance(previews.build_decoder(local, "flux", vae, "cpu", "m"), previews.TinyAutoencoder)
-    with caplog.at_level(logging.WARNING, logger="ray.serve"):
-        wrong = local.model_copy(update={"tae": TinyAutoencoderSource(source=str(tmp_path / "tae16"))})
-        assert previews.build_decoder(wrong, "flux", vae, "cpu", "m") is None
-        offline = local.model_copy(update={"tae": TinyAutoencoderSource(source="madebyollin/taef1", revision="0" * 40)})
-        assert previews.build_decoder(offline, "flux", vae, "cpu", "m") is None  # HF_HUB_OFFLINE, not cached
-        # FLUX's published factors map 16 channels; the tiny FLUX VAE has 4. A family without factors (a new
-        # runner family) falls back the same way.
-        assert previews.build_decoder(PreviewSettings(decoder="latent_rgb"), "flux", vae, "cpu", "m") is None
-        assert previews.build_decoder(PreviewSettings(decoder="latent_rgb"), "qwen-image", vae, "cpu", "m") is None
-    assert "16 latent channels; the model has 4" in caplog.text
-    assert caplog.text.count("previews use the full VAE decode") == 4
+    wrong = local.model_copy(update={"tae": TinyAutoencoderSource(source=str(tmp_path / "tae16"))})
+    assert previews.build_decoder(wrong, "flux", vae, "cpu", "m") is None
+    offline = local.model_copy(update={"tae": TinyAutoencoderSource(source="madebyollin/taef1", revision="0" * 40)})
+    assert previews.build_decoder(offline, "flux", vae, "cpu", "m") is None  # HF_HUB_OFFLINE, not cached
+    # FLUX's published factors map 16 channels; the tiny FLUX VAE has 4. A family without factors (a new
+    # runner family) or a pipeline without a VAE falls back the same way.
+    assert previews.build_decoder(PreviewSettings(decoder="latent_rgb"), "flux", vae, "cpu", "m") is None
+    assert previews.build_decoder(PreviewSettings(decoder="latent_rgb"), "qwen-image", vae, "cpu", "m") is None
+    assert previews.build_decoder(PreviewSettings(decoder="latent_rgb"), "qwen-image", None, "cpu", "m") is None
+    assert "16 latent channels; the model has 4" in serve_log.text
+    assert serve_log.text.count("previews use the full VAE decode") == 5
 
 
 @pytest.mark.parametrize("model_id", ["flux-dev", "sdxl", "sd3.5-large", "sd-turbo"])

@@ -26,7 +26,7 @@ def make_runner(engine: DiffusersEngine) -> Runner | WholeCallRunner:
     if model.batching.mode == "step" and model.family in STEP_RUNNERS:
         runner = STEP_RUNNERS[model.family](engine.pipeline, model, engine.device)
         # At start, not at the first streamed request: a TAE download, a latent->RGB fit.
-        runner.preview_decoder = previews.build_decoder(model.previews, model.family, engine.pipeline.vae,
-                                                        engine.device, model.id)
+        runner.preview_decoder = previews.build_decoder(model.previews, model.family,
+                                                        getattr(engine.pipeline, "vae", None), engine.device, model.id)
         return runner
     return WholeCallRunner(engine)

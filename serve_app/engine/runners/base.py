@@ -6,7 +6,8 @@ A runner adapts one diffusers family to the step engine, with tensors only:
   deep copy of the pipeline's scheduler, set to its own step count;
 - `step(states)`: ONE denoiser forward over every state (per-sample timesteps and
   guidance), then each image's scheduler step on its own slice;
-- `finish(states)`: VAE decode to PIL images.
+- `finish(states)`: VAE decode to PIL images (an inpainting's kept region: the input's own pixels);
+- `preview(state)`: the current estimate of the final image, decoded cheaply (engine/previews.py).
 Edits (image-to-image, masked inpainting) are the same loop, as diffusers' Img2Img and Inpaint
 pipelines run it with a base (non-inpainting) denoiser: the input image's latents noised to
 the first timestep that runs, the schedule's last part only, and for a mask, after every step,
@@ -20,6 +21,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import logging
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +34,8 @@ from PIL import Image
 
 from serve_app.config import ModelConfig
 from serve_app.engine import composite
+
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True)
@@ -142,12 +146,18 @@ class Runner:
         cheaply by the model's preview decoder, or by its own VAE without one: what a streamed
         partial image shows. Nothing of the state changes: the final image is the same."""
         latents = state.x0 if state.x0 is not None else state.latents
-        if self.preview_decoder is None:
-            image = self.decode(latents, [state])[0]
-        else:
+        image = None
+        if self.preview_decoder is not None:
             spec = state.spec
-            pixels = self.preview_decoder.decode(self.unpacked(latents, spec), spec.height, spec.width)
-            image = self.pipe.image_processor.postprocess(pixels, output_type="pil")[0]
+            try:
+                pixels = self.preview_decoder.decode(self.unpacked(latents, spec), spec.height, spec.width)
+                image = self.pipe.image_processor.postprocess(pixels, output_type="pil")[0]
+            except Exception:  # e.g. a family whose latents need unpacking it does not declare
+                logger.exception("model %s: the %s preview decoder failed; previews use the full VAE decode from "
+                                 "now on", self.model.id, self.preview_decoder.name)
+                self.preview_decoder = None
+        if image is None:
+            image = self.decode(latents, [state])[0]
         return self.kept_pixels(state, image)
 
     def unpacked(self, latents: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
