@@ -234,7 +234,8 @@ def write_models(directory: Path) -> list[str]:
     return ids
 
 
-def start_server(work: Path) -> tuple[subprocess.Popen, str]:
+def start_server(work: Path, write=write_models, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """`serve run` of the models `write(models_dir)` writes (ids returned), ready when each makes an image."""
     models = work / "models"
     models.mkdir()
     with socket.socket() as s:
@@ -242,13 +243,13 @@ def start_server(work: Path) -> tuple[subprocess.Popen, str]:
         port = s.getsockname()[1]
     config = {"proxy_location": "EveryNode", "http_options": {"host": "127.0.0.1", "port": port},
               "applications": [{"name": "bench", "route_prefix": "/", "import_path": "serve_app.app:build_app",
-                                "args": {"models": write_models(models), "models_dir": str(models),
+                                "args": {"models": write(models), "models_dir": str(models),
                                          "storage": str(work / "images")}}]}
     ids = config["applications"][0]["args"]["models"]
     (work / "serve.yaml").write_text(yaml.safe_dump(config))
     log = open(work / "serve.log", "wb")  # noqa: SIM115 - lives as long as the server
     process = subprocess.Popen([str(Path(sys.executable).with_name("serve")), "run", str(work / "serve.yaml")],
-                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

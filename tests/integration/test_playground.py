@@ -198,6 +198,8 @@ def test_playground_edits_with_a_painted_mask_and_makes_variations(server, brows
     kept = ~repaint
     assert np.abs(result[kept] - original[kept]).max() <= 1  # the unpainted pixels, as uploaded
     assert np.abs(result[repaint] - original[repaint]).mean() > 10  # the painted ones, repainted
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "playground-edit.png"))
 
     # Variations of the shown image.
     browser.find_element("css selector", "#results figure button.variations").click()
