@@ -31,6 +31,7 @@ import functools
 import json
 import os
 import random
+import shutil
 import signal
 import statistics
 import sys
@@ -268,6 +269,17 @@ def write_models(directory: Path) -> list[str]:
     return ids
 
 
+def http_medians(samples: dict[tuple, list[float]]) -> dict:
+    out: dict = {}
+    for (model, size, kind), values in samples.items():
+        if values:
+            out.setdefault(model, {}).setdefault(size, {})[kind] = statistics.median(values)
+    for sizes in out.values():
+        for row in sizes.values():
+            row["previews_cost"] = row["stream3"] / row["plain"] - 1
+    return out
+
+
 async def measure_http(base: str, rounds: int) -> dict:
     import httpx
 
@@ -297,14 +309,13 @@ async def measure_http(base: str, rounds: int) -> dict:
             for arm in random.Random(round_index).sample(arms, len(arms)):
                 model, size, kind = arm
                 samples[arm].append(await (plain if kind == "plain" else streamed)(model, size))
-            print(f"round {round_index + 1}/{rounds} done", flush=True)
-    out: dict = {}
-    for (model, size, kind), values in samples.items():
-        out.setdefault(model, {}).setdefault(size, {})[kind] = statistics.median(values)
-    for sizes in out.values():
-        for row in sizes.values():
-            row["previews_cost"] = row["stream3"] / row["plain"] - 1
-    return out
+            # Every finished round on disk: a run cut short (a busy machine) still has its medians.
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            (RESULTS / "previews-http-partial.json").write_text(json.dumps(
+                {"rounds_done": round_index + 1, "medians": http_medians(samples),
+                 "samples": {" ".join(arm): v for arm, v in samples.items()}}, indent=2))
+            print(f"round {round_index + 1}/{rounds} done", json.dumps(http_medians(samples)), flush=True)
+    return http_medians(samples)
 
 
 def http(rounds: int) -> dict:
@@ -312,7 +323,8 @@ def http(rounds: int) -> dict:
     from benchmarks.step_engine import start_server
 
     # Ray's own temp dir: a `serve run` must never find and join another session's cluster.
-    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="artserve-ray-"), "RAY_USAGE_STATS_ENABLED": "0"}
+    ray_tmp = tempfile.mkdtemp(prefix="artserve-ray-")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0"}
     with tempfile.TemporaryDirectory() as tmp:
         process, base = start_server(Path(tmp), write_models, env)
         try:
@@ -320,6 +332,7 @@ def http(rounds: int) -> dict:
         finally:
             os.killpg(process.pid, signal.SIGINT)
             process.wait(timeout=60)
+            shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 # --- tables ---------------------------------------------------------------------------------
