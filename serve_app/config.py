@@ -164,6 +164,52 @@ class EditSettings(Strict):
         "VAE makes its reference latents (area / 256 tokens per image in every step). Default: the pipeline's own, "
         "1024x1024; the tiny model uses 256x256 so that CPU tests stay fast.",
     )
+    mask_feather_px: int = Field(
+        8, ge=0, le=64,
+        description="Inpainting returns the input's own pixels wherever the mask keeps them; over this many pixels "
+        "inside the repainted area (chessboard distance from the kept region) the output blends from the input to "
+        "the model's, so no seam shows. 8: one latent cell, the mask's resolution in the denoiser. 0: a hard edge.",
+    )
+
+
+class TinyAutoencoderSource(Strict):
+    """Where a preview decoder's `AutoencoderTiny` weights come from."""
+
+    source: str = Field(
+        description="Hub repo id (e.g. madebyollin/taesd), a local AutoencoderTiny directory, or `tiny`: random "
+        "weights built at replica start from a fixed seed, shaped like the published ones (tiny models)."
+    )
+    revision: str | None = Field(None, description="Hub revision (commit) to pin.")
+
+    @field_validator("source")
+    @classmethod
+    def _no_gcs(cls, source: str) -> str:
+        if source.startswith("gs://"):
+            raise ValueError("a tiny autoencoder loads from the Hub or a local directory, not gs://")
+        return source
+
+
+class PreviewSettings(Strict):
+    """How streamed partial images are decoded (docs/previews.md). The final image is always the full VAE decode."""
+
+    decoder: Literal["tae", "latent_rgb", "full"] = Field(
+        "full",
+        description="tae: a tiny autoencoder (`tae`); latent_rgb: a linear latent-channels-to-RGB map, upsampled; "
+        "full: the model's own VAE (a whole decode per preview). A decoder that cannot be built falls back to full, "
+        "with the reason in the replica's log.",
+    )
+    tae: TinyAutoencoderSource | None = Field(None, description="The tiny autoencoder, for decoder: tae.")
+    latent_rgb: Literal["published", "fit"] = Field(
+        "published",
+        description="published: the family's factors as ComfyUI ships them (serve_app/engine/previews.py names "
+        "the source); fit: least squares against this model's own VAE at replica start (tiny random models).",
+    )
+
+    @model_validator(mode="after")
+    def _tae_named(self) -> PreviewSettings:
+        if self.decoder == "tae" and self.tae is None:
+            raise ValueError("decoder tae needs `tae: {source: ..., revision: ...}`")
+        return self
 
 
 class Batching(Strict):
@@ -297,6 +343,9 @@ class ModelConfig(Strict):
         True, description="Whether POST /v1/images/generations serves this model (false: an edit-only model)."
     )
     batching: Batching = Batching()
+    previews: PreviewSettings = Field(
+        default_factory=PreviewSettings, description="Streamed partial images: their decoder (default full)."
+    )
     engine: EngineOptions = EngineOptions()
     deployment: dict[str, Any] = Field(
         default_factory=dict, description="Ray Serve deployment options, over the defaults."

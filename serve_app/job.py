@@ -33,6 +33,7 @@ class GenerationJob:
     images: tuple[bytes, ...] = ()
     mask: bytes | None = None
     strength: float | None = None
+    preserve_unmasked: bool = True  # with a mask: the input's own pixels where it keeps (False: raw output)
     image_tokens: int = 0  # usage: the input images' latent tokens
     event_prefix: str = "image_generation"  # stream events: "image_edit" for edits
 

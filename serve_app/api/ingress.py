@@ -224,6 +224,7 @@ class ImageIngress:
         variation = isinstance(request, ImageVariationRequest)
         job = replace(job, images=edit.images, mask=edit.mask, image_tokens=edit.image_tokens,
                       num_inference_steps=steps, strength=strength,
+                      preserve_unmasked=getattr(request, "preserve_unmasked", None) is not False,
                       event_prefix="image_generation" if variation else "image_edit")
         logger.info(
             "request %s: %s model=%s n=%d images=%d input=%dx%d size=%dx%d steps=%d strength=%s mask=%s user=%s",

@@ -94,6 +94,11 @@ class ImageEditRequest(_PromptedRequest):
     strength: Strength | None = Field(
         None, description="How much of the input is repainted (0-1]; default per model (edits in its YAML)."
     )
+    preserve_unmasked: bool | None = Field(
+        None,
+        description="With a mask: true (default) returns the input's own pixels wherever the mask keeps them, "
+        "blended over a short feathered band at its border; false returns the model's raw output.",
+    )
 
 
 class ImageRef(BaseModel):

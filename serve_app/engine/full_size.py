@@ -28,7 +28,7 @@ from serve_app.engine.tiny import _tokenizer
 from serve_app.engine.tiny_qwen import qwen_tokenizer
 
 ARCHITECTURES = Path(__file__).with_name("architectures")
-CATALOG = ("flux-dev", "flux-schnell", "sdxl", "sdxl-turbo", "sd3.5-large", "flux2-dev", "flux2-klein-4b",
+CATALOG = ("flux-dev", "flux-schnell", "sdxl", "sdxl-turbo", "sd3.5-large", "sd-turbo", "flux2-dev", "flux2-klein-4b",
            "qwen-image", "qwen-image-edit", "z-image-turbo")
 # Pipeline components that hold weights, in the order the tables print them.
 WEIGHTED = ("transformer", "unet", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
@@ -104,7 +104,10 @@ def build_pipeline(model_id: str, device: str = "meta", dtype: torch.dtype = tor
     components = {name: build_component(model_id, name, device, dtype) for name in component_specs(model_id)}
     # Pipeline arguments that are not components (e.g. SDXL's force_zeros_for_empty_prompt).
     options = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
-    pipeline = getattr(diffusers, index["_class_name"])(**components, **options)
+    # Components the index leaves empty ([null, null]: SD's safety checker) are passed as None, as
+    # from_pretrained does.
+    empty = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
+    pipeline = getattr(diffusers, index["_class_name"])(**components, **empty, **options)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

@@ -107,7 +107,8 @@ class ModelServer:
         for index, seed in enumerate(job.seeds):
             spec = ImageSpec(prompt=job.prompt, negative_prompt=job.negative_prompt, width=job.width,
                              height=job.height, steps=job.num_inference_steps, guidance=job.guidance_scale, seed=seed,
-                             images=images, mask=mask, strength=1.0 if job.strength is None else job.strength)
+                             images=images, mask=mask, strength=1.0 if job.strength is None else job.strength,
+                             preserve_unmasked=job.preserve_unmasked)
             key = self.runner.batch_key(spec)
             ticket = Ticket(job.request_id, index, ("alone", job.request_id, index) if job.deterministic else key,
                             arrived, steps=math.ceil(spec.steps * spec.strength), cost_key=key)

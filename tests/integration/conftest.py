@@ -80,6 +80,8 @@ def _models_dir(work: Path) -> Path:
     for model_id in [*EXTRA_FAMILIES, *QWEN_MODELS]:  # the repo's YAMLs, lighter on logical CPUs (2 in all here)
         extra = yaml.safe_load((ROOT / "models" / f"{model_id}.yaml").read_text())
         extra["deployment"] = {"ray_actor_options": {"num_cpus": 0.05}}
+        if model_id == "tiny-sd3":  # streams its previews through a (random) tiny autoencoder: the catalog's decoder
+            extra["previews"]["decoder"] = "tae"
         (models / f"{model_id}.yaml").write_text(yaml.safe_dump(extra))
     # `tiny-sd-kill`: only the replica-kill test (test_faults.py) uses it, so killing its
     # replica leaves every other test's model alone.

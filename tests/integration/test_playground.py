@@ -128,3 +128,86 @@ def test_playground_generates_and_shows_images(server, browser, tmp_path):
     shown = _wait(browser, lambda d: (imgs := _shown_images(d)) and all(i["complete"] for i in imgs) and imgs)
     assert shown[0]["width"] > 0 and shown[0]["seed"] == "seed 99"
     assert shown[0]["src"].startswith(server.base_url + "/")
+
+
+def _sign_in(driver, base_url: str) -> None:
+    driver.get(base_url + "/")
+    _wait(driver, lambda d: d.find_element("id", "key-box").is_displayed(), 30)
+    driver.find_element("id", "api-key").send_keys(API_KEY)
+    driver.find_element("id", "use-key").click()
+    _wait(driver, lambda d: "tiny-sd" in d.execute_script(
+        "return [...document.querySelectorAll('#edit-model option')].map(o => o.value)"), 30)
+
+
+def _data_url_image(url: str):
+    import base64
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+
+
+def test_playground_edits_with_a_painted_mask_and_makes_variations(server, browser, tmp_path):
+    """Upload, paint a mask with the brush, edit with streamed previews: the kept (unpainted)
+    region comes back as the uploaded pixels; then Variations on the result."""
+    import numpy as np
+    from PIL import Image
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.support.ui import Select
+
+    x = np.linspace(0, 255, 256, dtype=np.uint8)[None, :].repeat(256, 0)
+    original = np.stack([x, x.T, np.full_like(x, 90)], axis=-1)
+    upload = tmp_path / "photo.png"
+    Image.fromarray(original, "RGB").save(upload)
+
+    _sign_in(browser, server.base_url)
+    browser.find_element("id", "tab-edit").click()
+    assert browser.find_element("id", "edit-tab").is_displayed()
+    assert not browser.find_element("id", "generate-tab").is_displayed()
+    browser.find_element("id", "edit-image").send_keys(str(upload))
+    _wait(browser, lambda d: d.execute_script("return document.getElementById('mask-canvas').width") == 256, 30)
+
+    # Paint the left part with a 48-pixel brush: zig-zag strokes down the canvas.
+    canvas = browser.find_element("id", "mask-canvas")
+    browser.find_element("id", "brush").clear()
+    browser.find_element("id", "brush").send_keys("48")
+    width, height = canvas.rect["width"], canvas.rect["height"]
+    scale = width / 256  # CSS pixels per image pixel
+    strokes = ActionChains(browser).move_to_element_with_offset(canvas, int(-width / 2 + 20 * scale),
+                                                                 int(-height / 2 + 10 * scale)).click_and_hold()
+    for row in range(8):
+        strokes.move_by_offset(int((60 if row % 2 == 0 else -60) * scale), int(30 * scale))
+    strokes.release().perform()
+    painted = np.asarray(_data_url_image(browser.execute_script(
+        "return document.getElementById('mask-canvas').toDataURL('image/png')")).getchannel("A"))
+    repaint = painted == 255  # what the page cuts out of the mask (alpha 0: repainted)
+    assert 0.1 < repaint.mean() < 0.6, repaint.mean()
+    assert "repainted" in browser.find_element("id", "mask-note").text
+
+    Select(browser.find_element("id", "edit-model")).select_by_value("tiny-sd")
+    Select(browser.find_element("id", "edit-quality")).select_by_value("low")
+    browser.find_element("id", "edit-seed").send_keys("5")
+    browser.find_element("id", "edit-submit").click()
+    _wait(browser, lambda d: "1 image from tiny-sd in" in _status(d))
+    assert browser.execute_script("return document.querySelector('#results figure').dataset.previews") == "3"
+    shown = _wait(browser, lambda d: (imgs := _shown_images(d)) and all(i["complete"] for i in imgs) and imgs)
+    assert len(shown) == 1 and shown[0]["width"] == 256 and shown[0]["seed"] == "seed 5", shown
+    result = np.asarray(_data_url_image(browser.execute_script(
+        "return document.querySelector('#results figure img').src")).convert("RGB"), dtype=np.int16)
+    kept = ~repaint
+    assert np.abs(result[kept] - original[kept]).max() <= 1  # the unpainted pixels, as uploaded
+    assert np.abs(result[repaint] - original[repaint]).mean() > 10  # the painted ones, repainted
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "playground-edit.png"))
+
+    # Variations of the shown image.
+    browser.find_element("css selector", "#results figure button.variations").click()
+    _wait(browser, lambda d: "2 variations from tiny-sd in" in _status(d))
+    shown = _wait(browser, lambda d: (imgs := _shown_images(d)) and all(i["complete"] for i in imgs) and imgs)
+    assert [i["width"] for i in shown] == [256, 256], shown
+    # "Edit this" takes a shown image to the Edit tab.
+    browser.find_element("id", "tab-generate").click()
+    browser.find_element("css selector", "#results figure button.edit-this").click()
+    _wait(browser, lambda d: d.find_element("id", "edit-tab").is_displayed()
+          and d.execute_script("return document.getElementById('edit-source').naturalWidth") == 256, 30)

@@ -58,7 +58,8 @@ def edit_spec(model_id: str, masked: bool, **changes):
     from serve_app.engine.runners.base import ImageSpec
 
     spec = ImageSpec("a red fox in the snow", None, SIZE, SIZE, STEPS, GUIDANCE[model_id], SEED,
-                     image=input_image(), mask=input_mask() if masked else None, strength=STRENGTH)
+                     image=input_image(), mask=input_mask() if masked else None, strength=STRENGTH,
+                     preserve_unmasked=False)  # the model's raw output: what diffusers' pipelines return
     return dataclasses.replace(spec, **changes)
 
 

@@ -22,6 +22,8 @@ CLIP_L_PROJECTED = 123_650_304  # CLIPTextModelWithProjection (SD3): + the 768 x
 CLIP_G = 694_659_840  # OpenCLIP bigG as CLIPTextModelWithProjection
 SDXL_UNET = 2_567_463_684
 SDXL_VAE = 83_653_863
+SD2_UNET = 865_910_724  # SD 2.x's UNet, which SD-Turbo distils
+SD2_TEXT_ENCODER = 340_387_840  # OpenCLIP ViT-H/14's text tower as CLIPTextModel
 FLOW_VAE = 83_819_683  # FLUX.1 and SD3: 16 latent channels, no quant convs
 # keras-hub's SD3.5-large preset counts CLIP-L + CLIP-G + MMDiT + VAE, and the MMDiT's stored
 # 192 x 192 position-embedding table (a fixed buffer, not a parameter); the same accounting
@@ -59,11 +61,13 @@ PUBLISHED = {
     "qwen-image": QWEN_IMAGE,
     "qwen-image-edit": QWEN_IMAGE,
     "z-image-turbo": {"transformer": 6_154_908_736, "text_encoder": QWEN3_4B, "vae": FLOW_VAE},
+    "sd-turbo": {"unet": SD2_UNET, "text_encoder": SD2_TEXT_ENCODER, "vae": SDXL_VAE},  # SD's VAE = SDXL's shape
 }
 PIPELINE_CLASS = {"flux": "FluxPipeline", "stable-diffusion-xl": "StableDiffusionXLPipeline",
                   "stable-diffusion-3": "StableDiffusion3Pipeline", "flux2-dev": "Flux2Pipeline",
                   "flux2-klein-4b": "Flux2KleinPipeline", "qwen-image": "QwenImagePipeline",
-                  "qwen-image-edit": "QwenImageEditPlusPipeline", "generic": "ZImagePipeline"}
+                  "qwen-image-edit": "QwenImageEditPlusPipeline", "generic": "ZImagePipeline",
+                  "stable-diffusion": "StableDiffusionPipeline"}
 
 
 def model_config(model_id):
@@ -127,6 +131,17 @@ def test_tokenizers_have_the_real_prompt_lengths_and_encoders_the_real_vocabular
         assert len(ids[0]) == tokenizer.model_max_length and max(ids[0]) < vocab
 
 
+def test_sd_turbo_is_sd21_shaped_with_trailing_euler(pipelines):
+    """SD-Turbo is SD 2.1 distilled: its UNet attends to the 1024-wide OpenCLIP states; its
+    scheduler must start at the last timestep (trailing) for one step to work."""
+    pipeline = pipelines["sd-turbo"]
+    assert pipeline.unet.config.cross_attention_dim == pipeline.text_encoder.config.hidden_size == 1024
+    assert type(pipeline.scheduler).__name__ == "EulerDiscreteScheduler"
+    assert pipeline.scheduler.config.timestep_spacing == "trailing"
+    pipeline.scheduler.set_timesteps(1)
+    assert int(pipeline.scheduler.timesteps[0]) == 999
+
+
 def test_schedulers_follow_the_published_configs(pipelines):
     assert pipelines["flux-dev"].scheduler.config.use_dynamic_shifting
     assert not pipelines["flux-schnell"].scheduler.config.use_dynamic_shifting
@@ -172,7 +187,7 @@ def test_readme_memory_figures_are_the_computed_ones(pipelines, model_id):
         memory_cell = row.split("|")[5]
         assert f"{sum(sizes.values()) / 1e9:.1f} GB weights" in memory_cell
         assert f"{dtype}: {sizes[denoiser] / 1e9:.1f} GB {denoiser}" in memory_cell
-        assert re.search(r"\d+ \N{MULTIPLICATION SIGN} (H100|L4)", memory_cell)
+        assert re.search(r"\d+ \N{MULTIPLICATION SIGN} (H100|L4)|CPU", memory_cell)
 
 
 def test_flux_dev_pipeline_runs_a_step_at_full_size_on_meta(pipelines):

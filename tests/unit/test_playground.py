@@ -23,7 +23,9 @@ def test_page_loads_without_a_key_and_points_at_the_api():
     assert r.headers["content-type"].startswith("text/html")
     assert '<meta name="artserve-base" content="/">' in r.text
     for needed in ('id="model"', 'id="prompt"', 'id="size"', 'id="quality"', 'id="style"', 'id="n"',
-                   'id="seed"', 'id="api-key"', "v1/images/generations", "v1/models", "sessionStorage"):
+                   'id="seed"', 'id="api-key"', "v1/images/generations", "v1/models", "sessionStorage",
+                   'id="tab-edit"', 'id="edit-image"', 'id="mask-canvas"', 'id="strength"', "v1/images/edits",
+                   "v1/images/variations"):
         assert needed in r.text, needed
 
 

@@ -1,7 +1,8 @@
 """The playground: one static page at `/` to try prompts in a browser.
 
 No build step and no CDN: `index.html` carries its own CSS and JavaScript and talks only to
-the public API (`GET v1/models`, `POST v1/images/generations`), so it needs no credentials to
+the public API (`GET v1/models`, `POST v1/images/generations`, `/edits` from its Edit tab with a
+mask painted on a canvas, `/variations` from any shown image), so it needs no credentials to
 load; the API calls carry the key the person types in (kept in `sessionStorage`)."""
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from serve_app.engine import previews
 from serve_app.engine.pipeline import DiffusersEngine
 from serve_app.engine.runners.base import DenoiseState, ImageSpec, Runner
 from serve_app.engine.runners.flow import FluxRunner, StableDiffusion3Runner
@@ -28,5 +29,9 @@ def make_runner(engine: DiffusersEngine) -> Runner | WholeCallRunner:
     `batching.policy: call`."""
     model = engine.model
     if model.batching.policy != "call" and model.family in STEP_RUNNERS:
-        return STEP_RUNNERS[model.family](engine.pipeline, model, engine.device)
+        runner = STEP_RUNNERS[model.family](engine.pipeline, model, engine.device)
+        # At start, not at the first streamed request: a TAE download, a latent->RGB fit.
+        runner.preview_decoder = previews.build_decoder(model.previews, model.family,
+                                                        getattr(engine.pipeline, "vae", None), engine.device, model.id)
+        return runner
     return WholeCallRunner(engine)

@@ -6,7 +6,8 @@ A runner adapts one diffusers family to the step engine, with tensors only:
   deep copy of the pipeline's scheduler, set to its own step count;
 - `step(states)`: ONE denoiser forward over every state (per-sample timesteps and
   guidance), then each image's scheduler step on its own slice;
-- `finish(states)`: VAE decode to PIL images.
+- `finish(states)`: VAE decode to PIL images (an inpainting's kept region: the input's own pixels);
+- `preview(state)`: the current estimate of the final image, decoded cheaply (engine/previews.py).
 Edits (image-to-image, masked inpainting) are the same loop, as diffusers' Img2Img and Inpaint
 pipelines run it with a base (non-inpainting) denoiser: the input image's latents noised to
 the first timestep that runs, the schedule's last part only, and for a mask, after every step,
@@ -20,6 +21,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import logging
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +33,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from serve_app.config import ModelConfig
+from serve_app.engine import composite
+
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,9 @@ class ImageSpec:
     mask: Any = None
     strength: float = 1.0
     images: tuple[Any, ...] = ()  # every input image, in request order; images[0] is `image`
+    # Inpainting: return the input's own pixels where the mask keeps them (engine/composite.py);
+    # False: the model's raw output, diffusers' Inpaint pipelines' image.
+    preserve_unmasked: bool = True
 
     def __post_init__(self) -> None:
         # One source of truth for the first image, whichever of the two fields the caller gave.
@@ -107,6 +115,8 @@ class Runner:
     default_max_shift = 1.15
     #: the Inpaint pipeline starts from pure noise at strength 1.0 (FLUX's noises the image)
     inpaint_from_noise = True
+    #: what previews are decoded with (engine/previews.py; set by make_runner); None: the VAE
+    preview_decoder: Any = None
 
     def __init__(self, pipeline: Any, model: ModelConfig, device: str):
         self.pipe = pipeline
@@ -142,12 +152,37 @@ class Runner:
 
     def finish(self, states: list[DenoiseState]) -> list[Image.Image]:
         latents = torch.cat([s.latents for s in states])
-        return self.decode(latents, states)
+        return [self.kept_pixels(s, image) for s, image in zip(states, self.decode(latents, states), strict=True)]
 
     def preview(self, state: DenoiseState) -> Image.Image:
         """The current estimate of the final image (the scheduler's x0 prediction), decoded
-        by the model's own VAE: what a streamed partial image shows."""
-        return self.decode(state.x0 if state.x0 is not None else state.latents, [state])[0]
+        cheaply by the model's preview decoder, or by its own VAE without one: what a streamed
+        partial image shows. Nothing of the state changes: the final image is the same."""
+        latents = state.x0 if state.x0 is not None else state.latents
+        image = None
+        if self.preview_decoder is not None:
+            spec = state.spec
+            try:
+                pixels = self.preview_decoder.decode(self.unpacked(latents, spec), spec.height, spec.width)
+                image = self.pipe.image_processor.postprocess(pixels, output_type="pil")[0]
+            except Exception:  # e.g. a family whose latents need unpacking it does not declare
+                logger.exception("model %s: the %s preview decoder failed; previews use the full VAE decode from "
+                                 "now on", self.model.id, self.preview_decoder.name)
+                self.preview_decoder = None
+        if image is None:
+            image = self.decode(latents, [state])[0]
+        return self.kept_pixels(state, image)
+
+    def unpacked(self, latents: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
+        """Latents as a preview decoder takes them, (1, channels, H/8, W/8): FLUX unpacks its 2x2 patches."""
+        return latents
+
+    def kept_pixels(self, state: DenoiseState, image: Image.Image) -> Image.Image:
+        """An inpainting's image with the input's own pixels where the mask keeps them."""
+        spec = state.spec
+        if spec.mask is None or not spec.preserve_unmasked:
+            return image
+        return composite.keep_unmasked(spec.image, spec.mask, image, self.model.edits.mask_feather_px)
 
     def estimate(self, state: DenoiseState, output: torch.Tensor, stepped: Any) -> torch.Tensor | None:
         """x0 from the step: the scheduler's own prediction where it gives one (DDIM, Euler)."""

@@ -143,4 +143,7 @@ class FluxRunner(FlowRunner):
 
     def decode(self, latents: torch.Tensor, states: list[DenoiseState]) -> list[Image.Image]:
         spec = states[0].spec
-        return self.vae_decode(self.pipe._unpack_latents(latents, spec.height, spec.width, self.pipe.vae_scale_factor))
+        return self.vae_decode(self.unpacked(latents, spec))
+
+    def unpacked(self, latents: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
+        return self.pipe._unpack_latents(latents, spec.height, spec.width, self.pipe.vae_scale_factor)
