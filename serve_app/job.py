@@ -6,6 +6,24 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class LoraChoice:
+    """One adapter a request asked for, checked against the catalog by the ingress."""
+
+    name: str
+    scale: float
+    param: str  # the request field that named it ("model" or "loras[i].name"): where errors point
+
+
+@dataclass(frozen=True)
+class AppliedLora:
+    """What the response reports for each adapter applied: name, scale, sha256 of its file."""
+
+    name: str
+    scale: float
+    sha256: str
+
+
+@dataclass(frozen=True)
 class GenerationJob:
     """One client request, fully resolved: presets applied, defaults filled, sizes checked."""
 
@@ -31,6 +49,7 @@ class GenerationJob:
     strength: float | None = None
     image_tokens: int = 0  # usage: the input images' latent tokens
     event_prefix: str = "image_generation"  # stream events: "image_edit" for edits
+    loras: tuple[LoraChoice, ...] = ()  # stacked in this order, up to 4
 
     @property
     def n(self) -> int:
@@ -57,3 +76,4 @@ class ImageResult:
 class GenerationResult:
     images: list[ImageResult]
     input_tokens: int  # prompt tokens, by the model's own tokenizers (usage)
+    loras: tuple[AppliedLora, ...] = ()

@@ -30,19 +30,28 @@ from serve_app.api.limits import BodyLimitMiddleware, decode_json_body
 from serve_app.api.openapi import EDITS_DOC, GENERATIONS_DOC, MODEL_DOC, MODELS_DOC, VARIATIONS_DOC, install_openapi
 from serve_app.api.playground import mount_playground
 from serve_app.api.presets import check_edit, edit_schedule, resolve_job
-from serve_app.api.protocol import ImageVariationRequest, ModelCard, ModelList, parse_generate_request
+from serve_app.api.protocol import (
+    MAX_LORAS,
+    ImageRequest,
+    ImageVariationRequest,
+    ModelCard,
+    ModelList,
+    parse_generate_request,
+)
 from serve_app.api.responses import images_response, relay
-from serve_app.config import AppConfig, ModelConfig
+from serve_app.config import AppConfig, ModelConfig, valid_lora_name
 from serve_app.errors import (
     ArtServeError,
     GenerationError,
+    InvalidRequestError,
     MethodNotAllowedError,
     ModelNotFoundError,
     NotFoundError,
     RateLimitError,
     ServiceUnavailableError,
 )
-from serve_app.job import GenerationJob, GenerationResult
+from serve_app.job import GenerationJob, GenerationResult, LoraChoice
+from serve_app.lora_catalog import LoraCatalog
 from serve_app.metrics import IngressMetrics
 from serve_app.readiness import ModelReadiness
 from serve_app.storage import CONTENT_TYPES
@@ -137,6 +146,7 @@ class ImageIngress:
         )
         self._janitor: asyncio.Task | None = None
         self.drain = DrainState(config.drain_dir)
+        self.loras = LoraCatalog(config.loras_dir, models)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self)
@@ -170,7 +180,8 @@ class ImageIngress:
 
     async def _respond(self, model: Any, prepare: Callable[[], Awaitable[Prepared]], idempotency_key: str | None,
                        body_fingerprint: Callable[[], str]) -> Response:
-        model_tag = model if isinstance(model, str) and model in self.models else "-"
+        base = model.partition(":")[0] if isinstance(model, str) else None  # "<model>:<adapter>": its model
+        model_tag = base if base in self.models else "-"
         try:
             prepared = await prepare()
             if prepared.stream:  # not replayable: an Idempotency-Key is ignored (README)
@@ -196,20 +207,55 @@ class ImageIngress:
             raise ModelNotFoundError(str(model_id))
         return model
 
+    def _model_and_loras(self, request: ImageRequest) -> tuple[ModelConfig, tuple[LoraChoice, ...]]:
+        """The request's model and its LoRA adapters: the one `model: "<model>:<adapter>"` names, at
+        its default scale, then `loras` in order. Each must be one the operator provides."""
+        base, colon, adapter = request.model.partition(":")
+        model = self._model(base)
+        if colon and not valid_lora_name(adapter):  # never a path: no "/", no ".."
+            raise InvalidRequestError(f"'{adapter}' is not an adapter name (letters, digits, '.', '_', '-').",
+                                      param="model")
+        asked = [(adapter, None, "model")] if colon else []
+        asked += [(ref.name, ref.scale, f"loras[{i}].name") for i, ref in enumerate(request.loras or [])]
+        if not asked:
+            return model, ()
+        if not self.loras.supports(model.id):
+            if colon:
+                raise ModelNotFoundError(request.model)
+            raise InvalidRequestError(f"Model '{model.id}' ({model.family}, {model.batching.mode} mode) does not "
+                                      "take LoRA adapters.", param="loras")
+        if len(asked) > MAX_LORAS:
+            raise InvalidRequestError(f"At most {MAX_LORAS} LoRA adapters per request (with the one the model id "
+                                      "names).", param="loras")
+        choices: list[LoraChoice] = []
+        for name, scale, param in asked:
+            entry = self.loras.get(model.id, name)
+            if entry is None:
+                if param == "model":
+                    raise ModelNotFoundError(request.model)
+                raise InvalidRequestError(f"Model '{model.id}' has no LoRA adapter '{name}' (GET /v1/models lists "
+                                          "them).", param=param, code="lora_not_found")
+            if any(c.name == name for c in choices):
+                raise InvalidRequestError(f"LoRA adapter '{name}' is asked for twice.", param=param)
+            choices.append(LoraChoice(name, entry.source.scale if scale is None else scale, param))
+        return model, tuple(choices)
+
     async def _prepare(self, body: Any, request_id: str, base_url: str) -> Prepared:
         request = parse_generate_request(body)
-        model = self._model(request.model)
-        job = resolve_job(request, model, request_id=request_id, base_url=base_url)
+        model, loras = self._model_and_loras(request)
+        job = replace(resolve_job(request, model, request_id=request_id, base_url=base_url), loras=loras)
         logger.info(
-            "request %s: model=%s n=%d size=%dx%d steps=%d user=%s",
-            request_id, model.id, job.n, job.width, job.height, job.num_inference_steps, request.user,
+            "request %s: model=%s n=%d size=%dx%d steps=%d loras=%s user=%s",
+            request_id, model.id, job.n, job.width, job.height, job.num_inference_steps,
+            [(c.name, c.scale) for c in loras], request.user,
         )
         return Prepared(model.id, job, request.quality, bool(request.stream))
 
     async def _prepare_edit(self, body: EditBody, request_id: str, base_url: str) -> Prepared:
         """Every check that needs no image first (nothing fetched for a refused request), then
         the images: headers (pixel bound), then the decode, off the event loop."""
-        request, model = body.request, self._model(body.request.model)
+        request = body.request
+        model, loras = self._model_and_loras(request)
         check_edit(model, images=body.image_count, mask=body.has_mask, image_param=body.image_param)
         # The scalar fields, and a strength that runs at least one step: a 400 before fetching.
         steps = resolve_job(request, model, request_id=request_id, base_url=base_url).num_inference_steps
@@ -222,7 +268,7 @@ class ImageIngress:
                                        max_pixels=max_pixels)
         variation = isinstance(request, ImageVariationRequest)
         job = replace(job, init_image=edit.init_image, mask=edit.mask, image_tokens=edit.image_tokens,
-                      num_inference_steps=steps, strength=strength,
+                      num_inference_steps=steps, strength=strength, loras=loras,
                       event_prefix="image_generation" if variation else "image_edit")
         logger.info(
             "request %s: %s model=%s n=%d input=%dx%d size=%dx%d steps=%d strength=%s mask=%s user=%s",
@@ -280,6 +326,18 @@ class ImageIngress:
             supports_inpainting=model.edits.enabled and model.edits.inpainting,
             max_input_images=model.edits.max_input_images if model.edits.enabled else 0,
         )
+
+    async def adapter_cards(self, model: ModelConfig, name: str | None = None) -> list[ModelCard]:
+        """The model's LoRA adapters as models of their own (`<model>:<adapter>`); one, by name."""
+        entries = self.loras.entries(model.id)
+        if name is not None:
+            entries = {name: entries[name]} if name in entries else {}
+        if not entries:
+            return []
+        card = await self.model_card(model)
+        return [card.model_copy(update={"id": e.id, "created": e.created, "base_model": model.id,
+                                        "lora_scale": e.source.scale, "description": e.source.description or None})
+                for e in entries.values()]
 
 
 def _idempotency_key(request: Request) -> str | None:
@@ -349,15 +407,20 @@ def create_api(ingress: ImageIngress) -> FastAPI:
 
     @api.get("/v1/models", dependencies=[Depends(authorize)], openapi_extra=MODELS_DOC)
     async def list_models() -> JSONResponse:
-        cards = [await ingress.model_card(m) for m in ingress.models.values()]
+        cards = []
+        for m in ingress.models.values():
+            cards += [await ingress.model_card(m), *await ingress.adapter_cards(m)]
         return JSONResponse(ModelList(data=cards).model_dump(exclude_none=True))
 
     @api.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)], openapi_extra=MODEL_DOC)
     async def get_model(model_id: str) -> JSONResponse:
-        model = ingress.models.get(model_id)
-        if model is None:
+        base, colon, adapter = model_id.partition(":")  # "<model>:<adapter>": a LoRA adapter's card
+        model = ingress.models.get(base)
+        cards = [] if model is None else (
+            await ingress.adapter_cards(model, adapter) if colon else [await ingress.model_card(model)])
+        if not cards:
             raise ModelNotFoundError(model_id)
-        return JSONResponse((await ingress.model_card(model)).model_dump(exclude_none=True))
+        return JSONResponse(cards[0].model_dump(exclude_none=True))
 
     # Signed links carry their own credential: no API key, so a plain GET works.
     @api.get(ROUTE_PREFIX + "{key:path}")
