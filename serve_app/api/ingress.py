@@ -27,23 +27,16 @@ from serve_app.api.drain import DrainMiddleware, DrainState
 from serve_app.api.edits import EditBody, read_edit, read_variation
 from serve_app.api.idempotency import fingerprint, run_once
 from serve_app.api.limits import BodyLimitMiddleware, decode_json_body
+from serve_app.api.loras import lora_choices
 from serve_app.api.openapi import EDITS_DOC, GENERATIONS_DOC, MODEL_DOC, MODELS_DOC, VARIATIONS_DOC, install_openapi
 from serve_app.api.playground import mount_playground
 from serve_app.api.presets import check_edit, edit_schedule, resolve_job
-from serve_app.api.protocol import (
-    MAX_LORAS,
-    ImageRequest,
-    ImageVariationRequest,
-    ModelCard,
-    ModelList,
-    parse_generate_request,
-)
+from serve_app.api.protocol import ImageRequest, ImageVariationRequest, ModelCard, ModelList, parse_generate_request
 from serve_app.api.responses import images_response, relay
-from serve_app.config import AppConfig, ModelConfig, valid_lora_name
+from serve_app.config import AppConfig, ModelConfig
 from serve_app.errors import (
     ArtServeError,
     GenerationError,
-    InvalidRequestError,
     MethodNotAllowedError,
     ModelNotFoundError,
     NotFoundError,
@@ -146,10 +139,16 @@ class ImageIngress:
         )
         self._janitor: asyncio.Task | None = None
         self.drain = DrainState(config.drain_dir)
-        self.loras = LoraCatalog(config.loras_dir, models)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self)
+
+    @property
+    def loras(self) -> LoraCatalog:
+        """The LoRA adapters each model offers (its YAML's, and the files in loras_dir), made on first use."""
+        if "_loras" not in self.__dict__:
+            self._loras = LoraCatalog(self.config.loras_dir, self.models)
+        return self._loras
 
     async def check_health(self) -> None:
         # Serve calls this every few seconds from the replica's loop: the janitor's start.
@@ -208,37 +207,9 @@ class ImageIngress:
         return model
 
     def _model_and_loras(self, request: ImageRequest) -> tuple[ModelConfig, tuple[LoraChoice, ...]]:
-        """The request's model and its LoRA adapters: the one `model: "<model>:<adapter>"` names, at
-        its default scale, then `loras` in order. Each must be one the operator provides."""
-        base, colon, adapter = request.model.partition(":")
-        model = self._model(base)
-        if colon and not valid_lora_name(adapter):  # never a path: no "/", no ".."
-            raise InvalidRequestError(f"'{adapter}' is not an adapter name (letters, digits, '.', '_', '-').",
-                                      param="model")
-        asked = [(adapter, None, "model")] if colon else []
-        asked += [(ref.name, ref.scale, f"loras[{i}].name") for i, ref in enumerate(request.loras or [])]
-        if not asked:
-            return model, ()
-        if not self.loras.supports(model.id):
-            if colon:
-                raise ModelNotFoundError(request.model)
-            raise InvalidRequestError(f"Model '{model.id}' ({model.family}, {model.batching.mode} mode) does not "
-                                      "take LoRA adapters.", param="loras")
-        if len(asked) > MAX_LORAS:
-            raise InvalidRequestError(f"At most {MAX_LORAS} LoRA adapters per request (with the one the model id "
-                                      "names).", param="loras")
-        choices: list[LoraChoice] = []
-        for name, scale, param in asked:
-            entry = self.loras.get(model.id, name)
-            if entry is None:
-                if param == "model":
-                    raise ModelNotFoundError(request.model)
-                raise InvalidRequestError(f"Model '{model.id}' has no LoRA adapter '{name}' (GET /v1/models lists "
-                                          "them).", param=param, code="lora_not_found")
-            if any(c.name == name for c in choices):
-                raise InvalidRequestError(f"LoRA adapter '{name}' is asked for twice.", param=param)
-            choices.append(LoraChoice(name, entry.source.scale if scale is None else scale, param))
-        return model, tuple(choices)
+        """The request's model (its id's part before ":") and the LoRA adapters it asks for."""
+        model = self._model(request.model.partition(":")[0])
+        return model, lora_choices(request, model, self.loras)
 
     async def _prepare(self, body: Any, request_id: str, base_url: str) -> Prepared:
         request = parse_generate_request(body)

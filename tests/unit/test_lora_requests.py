@@ -63,7 +63,6 @@ def ingress(tmp_path, loras_dir):
     ingress.handles = {"tiny-sd": Handle(), "tiny-pixart": Handle()}
     ingress.keys, ingress.metrics, ingress.idempotency = ApiKeys(["sk-1"]), Metrics(), None
     ingress.drain, ingress.readiness = DrainState(None), Ready()
-    ingress.loras = LoraCatalog(config.loras_dir, ingress.models)
     return ingress
 
 

@@ -205,6 +205,8 @@ class LoraManager:
         return adapter
 
     def _after_batch(self, keys: set[str]) -> None:
+        if not self._retiring:  # the common case, read without the lock (one just retired waits a step)
+            return
         with self._lock:
             for key in [k for k in self._retiring if k not in keys]:
                 del self._retiring[key]  # the memory goes with the last reference

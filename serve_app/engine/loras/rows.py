@@ -54,11 +54,9 @@ class LoraRows:
     @contextlib.contextmanager
     def batch(self, rows: Sequence[RowLoras]) -> Iterator[None]:
         """One denoiser call whose input row i carries the adapters `rows[i]`."""
-        keys = {key for row in rows for key, _ in row}
         with self._applied(rows):
             yield
-        if keys:
-            self._after_batch(keys)
+        self._after_batch({key for row in rows for key, _ in row})
 
     def prompt(self, loras: RowLoras) -> contextlib.AbstractContextManager[None]:
         """One prompt's encoding: every row the text encoders see carries `loras`."""
