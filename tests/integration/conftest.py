@@ -85,6 +85,7 @@ def _models_dir(work: Path) -> Path:
     (models / "tiny-sd-kill.yaml").write_text(yaml.safe_dump(kill))
     lora = yaml.safe_load((ROOT / "models" / "tiny-sd.yaml").read_text())
     lora.update(id=LORA_MODEL, max_loaded_loras=2, deployment={"ray_actor_options": {"num_cpus": 0.05}})
+    lora["sizes"]["min_side"] = 64  # 64x64 images: many short requests
     (models / f"{LORA_MODEL}.yaml").write_text(yaml.safe_dump(lora))
     gcs = yaml.safe_load((ROOT / "models" / "tiny-flux.yaml").read_text())
     gcs.update(id="tiny-flux-gcs", deployment={"ray_actor_options": {"num_cpus": 0.04}})

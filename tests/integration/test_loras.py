@@ -76,7 +76,7 @@ def test_both_forms_apply_the_adapter_and_report_it(client, server):
 def test_requests_with_different_adapters_share_denoiser_calls(client):
     def generate(model: str, loras: list | None = None):
         raw = client.images.with_raw_response.generate(
-            model=model, prompt="a fox", **BASE, extra_body={"seed": 9, "num_inference_steps": 40, "loras": loras})
+            model=model, prompt="a fox", **BASE, extra_body={"seed": 9, "num_inference_steps": 20, "loras": loras})
         return int(raw.headers["x-artserve-batch-size"]), raw.parse()
 
     asks = [(f"{LORA_MODEL}:red", None), (LORA_MODEL, [{"name": "blue", "scale": 0.7}]), (LORA_MODEL, None)]
@@ -86,7 +86,7 @@ def test_requests_with_different_adapters_share_denoiser_calls(client):
     print(f"largest denoiser batch per request (red, blue, none): {sizes}")
     assert max(sizes) >= 2  # two different adapters, or one and none, in one denoiser call
     solo = client.images.generate(model=f"{LORA_MODEL}:red", prompt="a fox", **BASE,
-                                  extra_body={"seed": 9, "num_inference_steps": 40, "deterministic": True})
+                                  extra_body={"seed": 9, "num_inference_steps": 20, "deterministic": True})
     assert int(np.abs(pixels(solo.data[0].b64_json) - pixels(results[0][1].data[0].b64_json)).max()) <= 1
 
 
