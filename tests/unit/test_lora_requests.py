@@ -13,31 +13,30 @@ import openai
 import pytest
 
 from serve_app.api.edits import form_loras
-from serve_app.config import AppConfig, ConfigError, LoraSource, ModelConfig, load_model_config
+from serve_app.config import ConfigError, LoraSource, ModelConfig, load_model_config
 from serve_app.errors import InvalidRequestError
-from serve_app.job import AppliedLora, GenerationJob, GenerationResult, ImageResult, LoraChoice
+from serve_app.job import AppliedLora, GenerationJob, GenerationResult, LoraChoice
 from serve_app.lora_catalog import LoraCatalog
 from serve_app.replica.routing import AdapterAffinityRouter, first_adapter, ranked
 from tests.loras import MODELS
 from tests.openai_schema import validate
-from tests.unit.test_edit_requests import Metrics, Ready, png
+from tests.unit import test_edit_requests as edit_requests
+from tests.unit.test_edit_requests import ingress as edit_ingress  # noqa: F401 (a fixture)
+from tests.unit.test_edit_requests import png, sdk
 
 SHA = "ab" * 32
 
 
-class Handle:
-    def __init__(self):
-        self.jobs: list[GenerationJob] = []
-        self.generate = self
+class Handle(edit_requests.Handle):
+    """The edit tests' fake model handle, reporting the job's adapters as applied."""
 
     def remote(self, job: GenerationJob):
-        self.jobs.append(job)
+        result = super().remote(job)
 
-        async def result() -> GenerationResult:
-            return GenerationResult([ImageResult(seed=s, batch_size=1, b64_json="AA==") for s in job.seeds], 3,
-                                    loras=tuple(AppliedLora(c.name, c.scale, SHA) for c in job.loras))
+        async def with_loras() -> GenerationResult:
+            return replace(await result, loras=tuple(AppliedLora(c.name, c.scale, SHA) for c in job.loras))
 
-        return result()
+        return with_loras()
 
 
 @pytest.fixture
@@ -51,31 +50,11 @@ def loras_dir(tmp_path):
 
 
 @pytest.fixture
-def ingress(tmp_path, loras_dir):
-    from serve_app.api.auth import ApiKeys
-    from serve_app.api.drain import DrainState
-    from serve_app.api.ingress import ImageIngress
-
-    config = AppConfig.from_args({"models": ["tiny-sd", "tiny-pixart"], "storage": str(tmp_path)},
-                                 env={"ARTSERVE_LORAS_DIR": str(loras_dir)})
-    ingress = ImageIngress.func_or_class.__new__(ImageIngress.func_or_class)
-    ingress.config, ingress.models = config, config.load_models()
-    ingress.handles = {"tiny-sd": Handle(), "tiny-pixart": Handle()}
-    ingress.keys, ingress.metrics, ingress.idempotency = ApiKeys(["sk-1"]), Metrics(), None
-    ingress.drain, ingress.readiness = DrainState(None), Ready()
-    return ingress
-
-
-def call(ingress, action):
-    from serve_app.api.ingress import create_api
-
-    async def go():
-        transport = httpx.ASGITransport(app=create_api(ingress))
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-            client = openai.AsyncOpenAI(api_key="sk-1", base_url="http://t/v1", http_client=http, max_retries=0)
-            return await action(client)
-
-    return asyncio.run(go())
+def ingress(edit_ingress, loras_dir):  # noqa: F811 (the imported fixture)
+    """The edit tests' ingress (real create_api, fake handles), with adapters in `loras_dir`."""
+    edit_ingress.config = edit_ingress.config.model_copy(update={"loras_dir": str(loras_dir)})
+    edit_ingress.handles = {"tiny-sd": Handle(), "tiny-pixart": Handle()}
+    return edit_ingress
 
 
 def test_the_directory_is_rescanned_and_the_yaml_adds_and_wins(tmp_path, loras_dir):
@@ -120,7 +99,7 @@ def test_both_ways_of_asking_reach_the_job_in_order(ingress):
         return await client.images.generate(model="tiny-sd:red", prompt="a fox", extra_body={
             "loras": [{"name": "blue", "scale": -0.5}, {"name": "v1.5"}]})
 
-    response = call(ingress, generate)
+    response = sdk(ingress, generate)
     [job] = ingress.handles["tiny-sd"].jobs
     assert [(c.name, c.scale, c.param) for c in job.loras] == [
         ("red", 1.0, "model"), ("blue", -0.5, "loras[0].name"), ("v1.5", 1.0, "loras[1].name")]
@@ -136,7 +115,7 @@ def test_an_edit_takes_them_as_the_sdk_sends_a_form(ingress):
         return await client.images.edit(model="tiny-sd", image=png(), prompt="a fox", extra_body={
             "loras": [{"name": "red", "scale": 0.25}, {"name": "blue", "scale": 2}]})
 
-    call(ingress, edit)
+    sdk(ingress, edit)
     [job] = ingress.handles["tiny-sd"].jobs
     assert [(c.name, c.scale) for c in job.loras] == [("red", 0.25), ("blue", 2.0)] and job.init_image
     assert form_loras([("loras[1][name]", "b"), ("loras[0][name]", "a"), ("loras[1][scale]", "2")]) == [
@@ -168,7 +147,7 @@ def test_refusals_name_the_field(ingress, body, status, param):
         return await client.post("/images/generations", body={"prompt": "a fox", **body}, cast_to=httpx.Response)
 
     with pytest.raises(openai.APIStatusError) as caught:
-        call(ingress, post)
+        sdk(ingress, post)
     error = caught.value.body
     print(body, "->", caught.value.status_code, error)
     assert caught.value.status_code == status and error["param"] == param
@@ -179,14 +158,14 @@ def test_adapters_are_listed_as_models_of_their_own(ingress):
     async def models(client):
         return [m.model_dump() for m in (await client.models.list()).data], await client.models.retrieve("tiny-sd:red")
 
-    listed, one = call(ingress, models)
+    listed, one = sdk(ingress, models)
     ids = [m["id"] for m in listed]
     assert ids == ["tiny-sd", "tiny-sd:blue", "tiny-sd:red", "tiny-sd:v1.5", "tiny-pixart"]
     red = next(m for m in listed if m["id"] == "tiny-sd:red")
     assert red["base_model"] == "tiny-sd" and red["lora_scale"] == 1.0 and red["object"] == "model"
     assert one.id == "tiny-sd:red"
     with pytest.raises(openai.NotFoundError):
-        call(ingress, lambda client: client.models.retrieve("tiny-sd:nope"))
+        sdk(ingress, lambda client: client.models.retrieve("tiny-sd:nope"))
 
 
 class Replica:
