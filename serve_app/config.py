@@ -284,6 +284,47 @@ class EngineOptions(Strict):
     )
 
 
+LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*$"  # no "/", no "..": never a path
+MAX_LORA_NAME_CHARS = 64
+LORA_SCALE_RANGE = (-2.0, 2.0)  # a request's scale; the YAML's default scale too
+
+
+class LoraSource(Strict):
+    """One adapter of a model's `loras:` block (README/docs/loras.md). Requests name it; only the
+    operator says where its file is."""
+
+    source: str = Field(
+        min_length=1,
+        description="A .safetensors file: an absolute local path, gs://bucket/path/file.safetensors, or a Hugging "
+        "Face Hub repo id (then weight_name and revision are required).",
+    )
+    weight_name: str | None = Field(
+        None, description="Hub repos: the file in the repo, e.g. pytorch_lora_weights.safetensors."
+    )
+    revision: str | None = Field(None, pattern=r"^[0-9a-f]{40}$", description="Hub repos: the commit to pin (40 hex).")
+    scale: float = Field(
+        1.0, ge=LORA_SCALE_RANGE[0], le=LORA_SCALE_RANGE[1], description="Default scale when a request gives none."
+    )
+    description: str = Field("", description="One line, shown in /v1/models.")
+
+    def kind(self) -> Literal["local", "gcs", "hub"]:
+        if self.source.startswith("gs://"):
+            return "gcs"
+        if self.source.startswith(("/", "~")):
+            return "local"
+        return "hub"
+
+    @model_validator(mode="after")
+    def _complete(self) -> LoraSource:
+        if not self.source.endswith(".safetensors") and self.kind() != "hub":
+            raise ValueError("source: adapters load from .safetensors files only (never pickles)")
+        if self.kind() == "hub" and not (self.weight_name and self.revision):
+            raise ValueError("a Hub source needs weight_name (a .safetensors file) and a 40-hex revision")
+        if self.weight_name is not None and not self.weight_name.endswith(".safetensors"):
+            raise ValueError("weight_name: adapters load from .safetensors files only (never pickles)")
+        return self
+
+
 def check_deployment_options(options: dict[str, Any]) -> dict[str, Any]:
     """Serve's schema ignores misspelled nested keys (`autoscaling_config.max_replica`), so
     check every key level ourselves, then let Serve's own schema check the values."""
@@ -350,6 +391,13 @@ class ModelConfig(Strict):
     deployment: dict[str, Any] = Field(
         default_factory=dict, description="Ray Serve deployment options, over the defaults."
     )
+    loras: dict[str, LoraSource] = Field(
+        default_factory=dict,
+        description="LoRA adapters by name, besides the files in loras_dir/<id>/ (docs/loras.md). Step engine only.",
+    )
+    max_loaded_loras: int = Field(
+        8, gt=0, description="Adapters kept in memory per replica (least recently used out; one in use never)."
+    )
     created: int = Field(0, description="Set from the file's mtime when loaded.")
 
     @model_validator(mode="before")
@@ -386,6 +434,11 @@ class ModelConfig(Strict):
             raise ValueError("edits need the step engine: batching.policy call runs whole pipeline calls "
                              "(set edits.enabled: false, or batching.policy: cost or fixed)")
         self._check_edit_inputs()
+        if self.loras and (self.family == "generic" or self.batching.policy == "call"):
+            raise ValueError("loras: adapters need the step engine (a step family and batching.policy: cost or fixed)")
+        for name in self.loras:
+            if not valid_lora_name(name):
+                raise ValueError(f"loras: {name!r} is not a valid adapter name (letters, digits, . _ -)")
         check_deployment_options(self.deployment)
         return self
 
@@ -412,6 +465,11 @@ class ModelConfig(Strict):
 
     def quality_preset(self, quality: str) -> QualityPreset:
         return self.quality.get(quality) or self.quality[QUALITY_FALLBACK[quality]]  # type: ignore[index]
+
+
+def valid_lora_name(name: str) -> bool:
+    """An adapter name a request may use: never a path (no "/", no ".."), at most 64 characters."""
+    return len(name) <= MAX_LORA_NAME_CHARS and re.match(LORA_NAME_PATTERN, name) is not None
 
 
 def load_model_config(path: Path) -> ModelConfig:
@@ -450,6 +508,7 @@ ENV_OVERRIDES = {
     "janitor_period_s": "ARTSERVE_JANITOR_PERIOD_S",
     "drain_dir": "ARTSERVE_DRAIN_DIR",
     "edit_url_hosts": "ARTSERVE_EDIT_URL_HOSTS",
+    "loras_dir": "ARTSERVE_LORAS_DIR",
 }
 
 
@@ -504,6 +563,11 @@ class AppConfig(Strict):
         default_factory=list,
         description="Hosts whose http(s) image URLs JSON edits may reference (exact names; none by default: the "
         "server would otherwise fetch any address for anyone). Env: ARTSERVE_EDIT_URL_HOSTS, comma-separated.",
+    )
+    loras_dir: str | None = Field(
+        None,
+        description="LoRA adapters as files: <loras_dir>/<model id>/<name>.safetensors, picked up without a restart. "
+        "On several nodes it must be a directory every node sees (docs/loras.md). Env: ARTSERVE_LORAS_DIR.",
     )
     ingress: dict[str, Any] = Field(default_factory=dict, description="Ingress deployment options.")
 

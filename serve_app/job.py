@@ -6,6 +6,24 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
+class LoraChoice:
+    """One adapter a request asked for, checked against the catalog by the ingress."""
+
+    name: str
+    scale: float
+    param: str  # the request field that named it ("model" or "loras[i].name"): where errors point
+
+
+@dataclass(frozen=True)
+class AppliedLora:
+    """What the response reports for each adapter applied: name, scale, sha256 of its file."""
+
+    name: str
+    scale: float
+    sha256: str
+
+
+@dataclass(frozen=True)
 class GenerationJob:
     """One client request, fully resolved: presets applied, defaults filled, sizes checked."""
 
@@ -36,6 +54,7 @@ class GenerationJob:
     preserve_unmasked: bool = True  # with a mask: the input's own pixels where it keeps (False: raw output)
     image_tokens: int = 0  # usage: the input images' latent tokens
     event_prefix: str = "image_generation"  # stream events: "image_edit" for edits
+    loras: tuple[LoraChoice, ...] = ()  # stacked in this order, up to 4
 
     @property
     def n(self) -> int:
@@ -65,3 +84,4 @@ class GenerationResult:
     # Where the replica's milliseconds went, for the Server-Timing header: engine (arrival until
     # the last image left the step loop), encode (until the last image was encoded and stored).
     timings_ms: dict[str, float] = field(default_factory=dict)
+    loras: tuple[AppliedLora, ...] = ()

@@ -72,6 +72,21 @@ class ModelMetrics:
         self._cost_prepare_s.set(prepare_s, tags=tags)
         self._cost_finish_s.set(finish_s, tags=tags)
 
+        # LoRA adapters (serve_app/engine/loras/manager.py).
+        self._loras = metrics.Gauge("artserve_loras_loaded", "LoRA adapters in memory on the replica.",
+                                    tag_keys=MODEL)
+        self._lora_load_s = metrics.Histogram(
+            "artserve_lora_load_seconds", "Seconds to fetch, check and build one LoRA adapter (off the step loop).",
+            boundaries=SECONDS, tag_keys=MODEL,
+        )
+        self._lora_hits = metrics.Counter(
+            "artserve_lora_hits", "Adapter requests served from memory.", tag_keys=MODEL)
+        self._lora_misses = metrics.Counter(
+            "artserve_lora_misses", "Adapter requests that had to load (or wait for) the file.", tag_keys=MODEL)
+        self._lora_evictions = metrics.Counter(
+            "artserve_lora_evictions", "Adapters dropped from memory (least recently used, none in use).",
+            tag_keys=MODEL)
+
     def step(self, images: int, seconds: float, *, whole_call: bool = False) -> None:
         self._step_batch.observe(images, tags=self._tags)
         self._step_s.observe(seconds, tags=self._tags)
@@ -92,6 +107,18 @@ class ModelMetrics:
 
     def encode_store(self, seconds: float) -> None:
         self._finish_s.observe(seconds, tags=self._tags)
+
+    def lora_lookup(self, *, hit: bool) -> None:
+        (self._lora_hits if hit else self._lora_misses).inc(tags=self._tags)
+
+    def lora_loaded(self, seconds: float) -> None:
+        self._lora_load_s.observe(seconds, tags=self._tags)
+
+    def lora_evicted(self) -> None:
+        self._lora_evictions.inc(tags=self._tags)
+
+    def loras_in_memory(self, count: int) -> None:
+        self._loras.set(count, tags=self._tags)
 
 
 class IngressMetrics:

@@ -11,7 +11,9 @@ mask as `mask`; raw bytes come with a made-up filename (`upload`, `unknown_file`
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +34,8 @@ FILE_FIELDS = ("image", "image[]", "mask")
 MAX_FORM_FIELDS = 64  # every field of the schema, with room for a client's extras
 MAX_FIELD_BYTES = 1024 * 1024  # a text part: prompts are at most a few tens of KB
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+# extra_body={"loras": [{"name", "scale"}]} as the SDKs put it in a form: loras[][name], loras[][scale], ...
+LORA_PART = re.compile(r"^loras\[(\d*)\]\[([a-z_]+)\]$")
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ async def read_variation(request: Request) -> EditBody:
     return _from_form(parse_request(ImageVariationRequest, fields, from_form=True), fields, images, None)
 
 
-def _from_form(request: ImageEditRequest | ImageVariationRequest, fields: dict[str, str], images: list[bytes],
+def _from_form(request: ImageEditRequest | ImageVariationRequest, fields: dict[str, Any], images: list[bytes],
                mask: bytes | None) -> EditBody:
     named = [Upload("image" if len(images) == 1 else f"image[{i}]", data) for i, data in enumerate(images)]
     uploads.check_count(named)
@@ -106,7 +110,31 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-async def read_form(request: Request, model: type[Any]) -> tuple[dict[str, str], dict[str, list[bytes]]]:
+def form_loras(parts: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """`loras` from form fields: `loras[0][name]`, `loras[0][scale]`, ... by index, or `loras[][name]`,
+    `loras[][scale]`, ... by position (the Python SDK sends each field's values together, so the
+    i-th name goes with the i-th scale: every adapter must then carry the same fields)."""
+    fields: dict[str, dict[str, str]] = {}
+    positions: dict[str, list[str]] = {}
+    for key, value in parts:
+        index, field = LORA_PART.match(key).groups()  # type: ignore[union-attr]
+        if index:
+            fields.setdefault(index, {})[field] = value
+        else:
+            positions.setdefault(field, []).append(value)
+    if fields and positions:
+        raise InvalidRequestError("Give 'loras' fields either all with an index or all as loras[][...].",
+                                  param="loras")
+    if fields:
+        return [fields[index] for index in sorted(fields, key=int)]
+    counts = {len(values) for values in positions.values()}
+    if len(counts) > 1:
+        raise InvalidRequestError("In a form, give every adapter in 'loras' the same fields (each a name and a "
+                                  "scale, or each a name only), or use JSON.", param="loras")
+    return [dict(zip(positions, values, strict=True)) for values in zip(*positions.values(), strict=True)]
+
+
+async def read_form(request: Request, model: type[Any]) -> tuple[dict[str, Any], dict[str, list[bytes]]]:
     """Text fields (each at most once) and file parts (`image`, `image[]`, `mask`), with the
     parser's limits; every malformed form is a 400."""
     try:
@@ -117,8 +145,9 @@ async def read_form(request: Request, model: type[Any]) -> tuple[dict[str, str],
         raise InvalidRequestError(f"The form could not be read: {detail}",
                                   param="image" if "files" in detail else None, code="invalid_form") from None
     try:
-        fields: dict[str, str] = {}
+        fields: dict[str, Any] = {}
         files: dict[str, list[bytes]] = {}
+        loras: list[tuple[str, str]] = []
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 if key in FILE_FIELDS:
@@ -129,13 +158,30 @@ async def read_form(request: Request, model: type[Any]) -> tuple[dict[str, str],
                     logger.debug("ignoring unknown file field %r", key)
             elif key in FILE_FIELDS:
                 raise InvalidRequestError(f"'{key}' must be a file (a part with a filename).", param=key)
+            elif LORA_PART.match(key):
+                loras.append((key, value))
             elif key in fields:
                 raise InvalidRequestError(f"'{key}' was given more than once.", param=key)
             else:
                 fields[key] = value
+        if loras or "loras" in fields:
+            fields["loras"] = _loras_field(fields.get("loras"), loras)
         return fields, files
     finally:
         await form.close()
+
+
+def _loras_field(text: str | None, parts: list[tuple[str, str]]) -> Any:
+    """`loras` from a form: the SDKs' bracketed parts, or one text field of JSON (curl)."""
+    if text is None:
+        return form_loras(parts)
+    if parts:
+        raise InvalidRequestError("Give 'loras' once: as loras[][name] fields or as one JSON field.", param="loras")
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise InvalidRequestError("'loras' must be a JSON list of {\"name\", \"scale\"} objects.",
+                                  param="loras") from None
 
 
 async def _file_bytes(key: str, file: UploadFile) -> bytes:

@@ -27,10 +27,11 @@ from serve_app.api.drain import DrainMiddleware, DrainState
 from serve_app.api.edits import EditBody, read_edit, read_variation
 from serve_app.api.idempotency import fingerprint, run_once
 from serve_app.api.limits import BodyLimitMiddleware, decode_json_body
+from serve_app.api.loras import lora_choices
 from serve_app.api.openapi import EDITS_DOC, GENERATIONS_DOC, MODEL_DOC, MODELS_DOC, VARIATIONS_DOC, install_openapi
 from serve_app.api.playground import mount_playground
 from serve_app.api.presets import check_edit, check_generation, edit_schedule, resolve_job
-from serve_app.api.protocol import ImageVariationRequest, ModelCard, ModelList, parse_generate_request
+from serve_app.api.protocol import ImageRequest, ImageVariationRequest, ModelCard, ModelList, parse_generate_request
 from serve_app.api.responses import images_response, relay
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.errors import (
@@ -42,7 +43,8 @@ from serve_app.errors import (
     RateLimitError,
     ServiceUnavailableError,
 )
-from serve_app.job import GenerationJob, GenerationResult
+from serve_app.job import GenerationJob, GenerationResult, LoraChoice
+from serve_app.lora_catalog import LoraCatalog
 from serve_app.metrics import IngressMetrics
 from serve_app.readiness import ModelReadiness
 from serve_app.storage import CONTENT_TYPES
@@ -141,6 +143,13 @@ class ImageIngress:
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self)
 
+    @property
+    def loras(self) -> LoraCatalog:
+        """The LoRA adapters each model offers (its YAML's, and the files in loras_dir), made on first use."""
+        if "_loras" not in self.__dict__:
+            self._loras = LoraCatalog(self.config.loras_dir, self.models)
+        return self._loras
+
     async def check_health(self) -> None:
         # Serve calls this every few seconds from the replica's loop: the janitor's start.
         if self.local_store is not None and self._janitor is None:
@@ -170,7 +179,8 @@ class ImageIngress:
 
     async def _respond(self, model: Any, prepare: Callable[[], Awaitable[Prepared]], idempotency_key: str | None,
                        body_fingerprint: Callable[[], str]) -> Response:
-        model_tag = model if isinstance(model, str) and model in self.models else "-"
+        base = model.partition(":")[0] if isinstance(model, str) else None  # "<model>:<adapter>": its model
+        model_tag = base if base in self.models else "-"
         try:
             prepared = await prepare()
             if prepared.stream:  # not replayable: an Idempotency-Key is ignored (README)
@@ -196,21 +206,28 @@ class ImageIngress:
             raise ModelNotFoundError(str(model_id))
         return model
 
+    def _model_and_loras(self, request: ImageRequest) -> tuple[ModelConfig, tuple[LoraChoice, ...]]:
+        """The request's model (its id's part before ":") and the LoRA adapters it asks for."""
+        model = self._model(request.model.partition(":")[0])
+        return model, lora_choices(request, model, self.loras)
+
     async def _prepare(self, body: Any, request_id: str, base_url: str) -> Prepared:
         request = parse_generate_request(body)
-        model = self._model(request.model)
+        model, loras = self._model_and_loras(request)
         check_generation(model)
-        job = resolve_job(request, model, request_id=request_id, base_url=base_url)
+        job = replace(resolve_job(request, model, request_id=request_id, base_url=base_url), loras=loras)
         logger.info(
-            "request %s: model=%s n=%d size=%dx%d steps=%d user=%s",
-            request_id, model.id, job.n, job.width, job.height, job.num_inference_steps, request.user,
+            "request %s: model=%s n=%d size=%dx%d steps=%d loras=%s user=%s",
+            request_id, model.id, job.n, job.width, job.height, job.num_inference_steps,
+            [(c.name, c.scale) for c in loras], request.user,
         )
         return Prepared(model.id, job, request.quality, bool(request.stream))
 
     async def _prepare_edit(self, body: EditBody, request_id: str, base_url: str) -> Prepared:
         """Every check that needs no image first (nothing fetched for a refused request), then
         the images: headers (pixel bound), then the decode, off the event loop."""
-        request, model = body.request, self._model(body.request.model)
+        request = body.request
+        model, loras = self._model_and_loras(request)
         check_edit(model, images=body.image_count, mask=body.has_mask, image_param=body.image_param)
         # The scalar fields, and a strength that runs at least one step: a 400 before fetching.
         steps = resolve_job(request, model, request_id=request_id, base_url=base_url).num_inference_steps
@@ -223,7 +240,7 @@ class ImageIngress:
                                        max_pixels=max_pixels, references=model.reference_edits)
         variation = isinstance(request, ImageVariationRequest)
         job = replace(job, images=edit.images, mask=edit.mask, image_tokens=edit.image_tokens,
-                      num_inference_steps=steps, strength=strength,
+                      num_inference_steps=steps, strength=strength, loras=loras,
                       preserve_unmasked=getattr(request, "preserve_unmasked", None) is not False,
                       event_prefix="image_generation" if variation else "image_edit")
         logger.info(
@@ -287,6 +304,18 @@ class ImageIngress:
             supports_inpainting=model.edits.enabled and model.edits.inpainting,
             max_input_images=model.edits.max_input_images if model.edits.enabled else 0,
         )
+
+    async def adapter_cards(self, model: ModelConfig, name: str | None = None) -> list[ModelCard]:
+        """The model's LoRA adapters as models of their own (`<model>:<adapter>`); one, by name."""
+        entries = self.loras.entries(model.id)
+        if name is not None:
+            entries = {name: entries[name]} if name in entries else {}
+        if not entries:
+            return []
+        card = await self.model_card(model)
+        return [card.model_copy(update={"id": e.id, "created": e.created, "base_model": model.id,
+                                        "lora_scale": e.source.scale, "description": e.source.description or None})
+                for e in entries.values()]
 
 
 def _idempotency_key(request: Request) -> str | None:
@@ -360,15 +389,20 @@ def create_api(ingress: ImageIngress) -> FastAPI:
 
     @api.get("/v1/models", dependencies=[Depends(authorize)], openapi_extra=MODELS_DOC)
     async def list_models() -> JSONResponse:
-        cards = [await ingress.model_card(m) for m in ingress.models.values()]
+        cards = []
+        for m in ingress.models.values():
+            cards += [await ingress.model_card(m), *await ingress.adapter_cards(m)]
         return JSONResponse(ModelList(data=cards).model_dump(exclude_none=True))
 
     @api.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)], openapi_extra=MODEL_DOC)
     async def get_model(model_id: str) -> JSONResponse:
-        model = ingress.models.get(model_id)
-        if model is None:
+        base, colon, adapter = model_id.partition(":")  # "<model>:<adapter>": a LoRA adapter's card
+        model = ingress.models.get(base)
+        cards = [] if model is None else (
+            await ingress.adapter_cards(model, adapter) if colon else [await ingress.model_card(model)])
+        if not cards:
             raise ModelNotFoundError(model_id)
-        return JSONResponse((await ingress.model_card(model)).model_dump(exclude_none=True))
+        return JSONResponse(cards[0].model_dump(exclude_none=True))
 
     # Signed links carry their own credential: no API key, so a plain GET works.
     @api.get(ROUTE_PREFIX + "{key:path}")

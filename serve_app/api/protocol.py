@@ -11,6 +11,7 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from serve_app.config import LORA_NAME_PATTERN, LORA_SCALE_RANGE, MAX_LORA_NAME_CHARS
 from serve_app.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -21,6 +22,18 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 ResponseFormat = Literal["url", "b64_json"]
 
 MAX_SEED = 2**63
+MAX_LORAS = 4
+
+
+class LoraRef(BaseModel):
+    """`extra_body.loras[i]`: an adapter the operator provides for the model, by name."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    name: str = Field(max_length=MAX_LORA_NAME_CHARS, pattern=LORA_NAME_PATTERN,
+                      description="An adapter of the model (GET /v1/models lists them as '<model>:<name>').")
+    scale: float | None = Field(None, ge=LORA_SCALE_RANGE[0], le=LORA_SCALE_RANGE[1], allow_inf_nan=False,
+                                description="How strongly it applies, -2 to 2 (0: not at all); default: the adapter's.")
 
 
 class _ImageRequest(BaseModel):
@@ -51,6 +64,10 @@ class _ImageRequest(BaseModel):
         None,
         description="true: every image runs alone (shares no denoising step with other requests), so a seed "
         "gives the same bytes whatever the load. Slower under load.",
+    )
+    loras: list[LoraRef] | None = Field(
+        None, max_length=MAX_LORAS,
+        description="LoRA adapters to stack, up to 4, after the one a 'model: \"<model>:<adapter>\"' names.",
     )
 
 
@@ -172,13 +189,20 @@ def _param(loc: tuple[int | str, ...]) -> str | None:
     if not loc:
         return None
     param = str(loc[0])
-    if param in ("images", "mask"):
+    if param in ("images", "mask", "loras"):
+        fields = LoraRef.model_fields if param == "loras" else ImageRef.model_fields
         for part in loc[1:]:
             if isinstance(part, int):
                 param += f"[{part}]"
-            elif part in ImageRef.model_fields:
+            elif part in fields:
                 param += f".{part}"
     return param
+
+
+class AppliedLoraData(BaseModel):
+    name: str = Field(description="The adapter's name.")
+    scale: float = Field(description="The scale it was applied at.")
+    sha256: str = Field(description="SHA-256 of the adapter file that was applied.")
 
 
 class ImageData(BaseModel):
@@ -186,6 +210,7 @@ class ImageData(BaseModel):
     b64_json: str | None = Field(None, description="The encoded image (b64_json mode).")
     revised_prompt: str = Field(description="The prompt exactly as given to the model.")
     seed: int = Field(description="The seed that produced this image.")
+    loras: list[AppliedLoraData] | None = Field(None, description="The LoRA adapters applied, in order (if any).")
 
 
 # What the response echoes must stay inside OpenAI's published enums (typed clients reject
@@ -242,6 +267,7 @@ class ImageStreamEvent(BaseModel):
     output_format: OutputFormat
     partial_image_index: int | None = Field(None, description="Partial events: 0 .. partial_images - 1.")
     usage: Usage | None = Field(None, description="Completed events.")
+    loras: list[AppliedLoraData] | None = Field(None, description="Completed events: the LoRA adapters applied.")
 
 
 class ModelCard(BaseModel):
@@ -262,6 +288,9 @@ class ModelCard(BaseModel):
     max_input_images: int = Field(0, description="Input images an edit may carry (0: no edits).")
     status: str = Field(description="Serve's deployment status: HEALTHY, UPDATING, UPSCALING, UNHEALTHY...")
     running_replicas: int = Field(description="Replicas serving this model now (polled every 2 s).")
+    base_model: str | None = Field(None, description="A LoRA adapter's card: the model it applies to.")
+    lora_scale: float | None = Field(None, description="A LoRA adapter's card: its default scale.")
+    description: str | None = Field(None, description="A LoRA adapter's card: what the operator says it does.")
 
 
 class ModelList(BaseModel):

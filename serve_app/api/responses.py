@@ -13,7 +13,15 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from serve_app.api.protocol import ECHO_QUALITY, SCHEMA_SIZES, ImageData, ImagesResponse, ImageStreamEvent, Usage
+from serve_app.api.protocol import (
+    ECHO_QUALITY,
+    SCHEMA_SIZES,
+    AppliedLoraData,
+    ImageData,
+    ImagesResponse,
+    ImageStreamEvent,
+    Usage,
+)
 from serve_app.errors import ArtServeError
 from serve_app.job import GenerationJob, GenerationResult, PartialImage
 
@@ -29,11 +37,18 @@ def usage(job: GenerationJob, result: GenerationResult) -> Usage:
     return Usage.of(result.input_tokens, len(result.images), job.width, job.height, image_tokens=job.image_tokens)
 
 
+def applied_loras(result: GenerationResult) -> list[AppliedLoraData] | None:
+    """Which adapters made the images (an extension field: OpenAI's schemas allow extra properties)."""
+    return [AppliedLoraData(name=a.name, scale=a.scale, sha256=a.sha256) for a in result.loras] or None
+
+
 def images_response(job: GenerationJob, quality: str | None, result: GenerationResult) -> dict[str, Any]:
     """The JSON body of a non-streamed response. `quality` is the request's (None: default)."""
+    loras = applied_loras(result)
     return ImagesResponse(
         created=int(time.time()),
-        data=[ImageData(url=r.url, b64_json=r.b64_json, revised_prompt=job.prompt, seed=r.seed) for r in result.images],
+        data=[ImageData(url=r.url, b64_json=r.b64_json, revised_prompt=job.prompt, seed=r.seed, loras=loras)
+              for r in result.images],
         size=echo_size(job),  # type: ignore[arg-type]
         quality=ECHO_QUALITY[quality or "standard"],
         output_format=job.output_format,  # type: ignore[arg-type]
@@ -51,7 +66,7 @@ def stream_event(job: GenerationJob, quality: str | None, part: PartialImage | G
     else:
         [image] = part.images
         event = ImageStreamEvent(type=f"{prefix}.completed", b64_json=image.b64_json or "",
-                                 usage=usage(job, part), **common)
+                                 usage=usage(job, part), loras=applied_loras(part), **common)
     return event.model_dump(exclude_none=True)
 
 

@@ -17,16 +17,18 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 from ray import serve
 
 from serve_app.config import AppConfig, ModelConfig
-from serve_app.errors import ArtServeError, GenerationError, ServiceUnavailableError
+from serve_app.errors import ArtServeError, GenerationError, InvalidRequestError, ServiceUnavailableError
 from serve_app.job import GenerationJob, GenerationResult, ImageResult, PartialImage
 from serve_app.metrics import ModelMetrics
 from serve_app.readiness import deployment_name
 from serve_app.replica.encoding import encode_image
+from serve_app.replica.routing import ROUTER_PATH
 from serve_app.replica.scheduler import StepScheduler, Ticket
 from serve_app.replica.steploop import StepLoop, Work
 from serve_app.storage import ImageStore, open_store
@@ -47,6 +49,9 @@ def deployment_options(model: ModelConfig) -> dict[str, Any]:
         "health_check_period_s": 10,
         "health_check_timeout_s": 60,
         "graceful_shutdown_timeout_s": 120,
+        # Prefer a replica that holds the request's LoRA adapter, unless it is a batch busier (routing.py).
+        "request_router_config": {"request_router_class": ROUTER_PATH, "request_router_kwargs": {"imbalance": batch},
+                                  "request_routing_stats_period_s": 2},
     }
     return {**defaults, **model.deployment, "name": deployment_name(model.id)}
 
@@ -72,6 +77,14 @@ class ModelServer:
         scheduler = StepScheduler(batching.max_batch_size, policy, max_wait_factor=batching.max_wait_factor,
                                   max_wait_s=batching.max_wait_s)
         self.loop = StepLoop(self.runner, scheduler, self.metrics, self._engine_error)
+        self.adapters = None  # LoRA adapters: only where ArtServe runs the loop (per-row application)
+        if not getattr(self.runner, "whole_call", False):
+            from serve_app.engine.loras import LoraManager
+            from serve_app.lora_catalog import LoraCatalog
+
+            self.adapters = LoraManager(self.engine.pipeline, model, LoraCatalog(app.loras_dir, {model.id: model}),
+                                        self.metrics)
+            self.runner.loras = self.adapters.rows
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
         return await self._run(job, None)
@@ -95,7 +108,26 @@ class ModelServer:
         finally:
             run.cancel()
 
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Polled by Serve for the router (replica/routing.py): which adapters this replica holds."""
+        return {"loras": self.adapters.loaded() if self.adapters is not None else []}
+
     async def _run(self, job: GenerationJob, previews: asyncio.Queue | None) -> GenerationResult:
+        """The job's adapters are leased (loaded off the step loop if need be) before any of its
+        images reaches the loop, and held until they have all left it."""
+        if not job.loras:
+            return await self._images(job, previews, ())
+        if self.adapters is None:
+            raise InvalidRequestError(f"Model '{self.model.id}' does not take LoRA adapters.", param="loras")
+        lease = await self.adapters.acquire(job.loras)
+        try:
+            result = await self._images(job, previews, lease.spec)
+        finally:
+            lease.release()
+        return replace(result, loras=lease.applied)
+
+    async def _images(self, job: GenerationJob, previews: asyncio.Queue | None,
+                      loras: tuple[tuple[str, float], ...]) -> GenerationResult:
         from serve_app.engine.runners import ImageSpec
 
         loop = asyncio.get_running_loop()
@@ -108,7 +140,7 @@ class ModelServer:
             spec = ImageSpec(prompt=job.prompt, negative_prompt=job.negative_prompt, width=job.width,
                              height=job.height, steps=job.num_inference_steps, guidance=job.guidance_scale, seed=seed,
                              images=images, mask=mask, strength=1.0 if job.strength is None else job.strength,
-                             preserve_unmasked=job.preserve_unmasked)
+                             loras=loras, preserve_unmasked=job.preserve_unmasked)
             key = self.runner.batch_key(spec)
             ticket = Ticket(job.request_id, index, ("alone", job.request_id, index) if job.deterministic else key,
                             arrived, steps=math.ceil(spec.steps * spec.strength), cost_key=key)

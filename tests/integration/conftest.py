@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from tests.gcs import BUCKET, Emulator, service_account_key
+from tests.loras import save_adapters
 
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "sk-test-artserve"
@@ -31,6 +32,9 @@ STARTUP_TIMEOUT_S = 240
 EXTRA_FAMILIES = ["tiny-sdxl", "tiny-sd3", "tiny-pixart", "tiny-flux2"]
 # The Qwen-Image family (generation; Edit Plus, edits only): warmed up with 2 steps (their minimum).
 QWEN_MODELS = ["tiny-qwen-image", "tiny-qwen-image-edit"]
+# `tiny-sd-lora`: LoRA adapters from <loras_dir>/tiny-sd-lora/ (test_loras.py, test_dashboard.py), at most
+# two in memory so that evictions happen; these three are there from the start.
+LORA_MODEL, LORA_NAMES = "tiny-sd-lora", {"red": 11, "blue": 12, "green": 13}
 
 
 def _free_port() -> int:
@@ -88,6 +92,11 @@ def _models_dir(work: Path) -> Path:
     kill = yaml.safe_load((ROOT / "models" / "tiny-sd.yaml").read_text())
     kill.update(id="tiny-sd-kill", deployment={"ray_actor_options": {"num_cpus": 0.05}})
     (models / "tiny-sd-kill.yaml").write_text(yaml.safe_dump(kill))
+    lora = yaml.safe_load((ROOT / "models" / "tiny-sd.yaml").read_text())
+    lora.update(id=LORA_MODEL, max_loaded_loras=2, deployment={"ray_actor_options": {"num_cpus": 0.05}})
+    lora["sizes"]["min_side"] = 64  # 64x64 images: many short requests
+    lora["batching"]["policy"] = "fixed"  # the mixed-adapter test needs its images to share denoiser calls
+    (models / f"{LORA_MODEL}.yaml").write_text(yaml.safe_dump(lora))
     gcs = yaml.safe_load((ROOT / "models" / "tiny-flux.yaml").read_text())
     gcs.update(id="tiny-flux-gcs", deployment={"ray_actor_options": {"num_cpus": 0.04}})
     (models / "tiny-flux-gcs.yaml").write_text(yaml.safe_dump(gcs))
@@ -97,7 +106,7 @@ def _models_dir(work: Path) -> Path:
 def _all_models_generate(base_url: str) -> bool:
     """Ready means every working model has made an image, not just that the ingress is up."""
     for prefix, model in [("", "tiny-sd"), ("", "tiny-flux"), ("", "tiny-sd-small"), ("", "tiny-flux-auto"),
-                          ("", "tiny-sd-auto"), ("", "tiny-sd-kill"), ("/gcs", "tiny-flux-gcs"),
+                          ("", "tiny-sd-auto"), ("", "tiny-sd-kill"), ("/gcs", "tiny-flux-gcs"), ("", LORA_MODEL),
                           *(("", m) for m in EXTRA_FAMILIES)]:
         try:
             r = httpx.post(f"{base_url}{prefix}/v1/images/generations", timeout=30,
@@ -133,8 +142,9 @@ def _qwen_models_serve(base_url: str) -> bool:
 
 class Server:
     def __init__(self, base_url: str, storage: Path, log: Path, emulator: Emulator, gcs_public_key, pid: int,
-                 ray_tmp: Path | None = None):
+                 ray_tmp: Path | None = None, loras_dir: Path | None = None):
         self.base_url, self.storage, self.log, self.pid = base_url, storage, log, pid  # pid: `serve run`'s
+        self.loras_dir = loras_dir  # LoRA files: <loras_dir>/<model id>/<name>.safetensors
         self.emulator, self.gcs_public_key = emulator, gcs_public_key
         # This session's own Ray temp dir: its metrics agent lists its Prometheus endpoint in
         # ray/session_latest/prom_metrics_service_discovery.json (tests/integration/test_dashboard.py).
@@ -154,8 +164,11 @@ def server(tmp_path_factory) -> Server:
     storage = work / "images"
     app = config["applications"][0]
     app["args"]["models"] += ["tiny-sd-small", "tiny-broken", "tiny-flux-auto", "tiny-sd-auto", "tiny-sd-kill",
-                              *EXTRA_FAMILIES, *QWEN_MODELS]
+                              *EXTRA_FAMILIES, *QWEN_MODELS, LORA_MODEL]
     app["args"].update(models_dir=str(_models_dir(work)), storage=str(storage))
+    loras_dir = work / "loras"
+    save_adapters("tiny-sd", loras_dir / LORA_MODEL, LORA_NAMES, strength=3.0)
+    app["args"].update(models_dir=str(_models_dir(work)), storage=str(storage), loras_dir=str(loras_dir))
     # Two ingress replicas: Idempotency-Key must hold across them (test_idempotency.py).
     app["args"]["ingress"] = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.05}}
     app["args"]["janitor_period_s"] = 2  # test_edge_limits.py watches the janitor delete a file
@@ -200,7 +213,7 @@ def server(tmp_path_factory) -> Server:
             if _all_models_generate(base_url):
                 break
             time.sleep(1)
-        yield Server(base_url, storage, log, emulator, gcs_public_key, process.pid, ray_tmp)
+        yield Server(base_url, storage, log, emulator, gcs_public_key, process.pid, ray_tmp, loras_dir)
     finally:
         os.killpg(process.pid, signal.SIGINT)  # serve run shuts Serve and its Ray down on Ctrl-C
         try:

@@ -111,7 +111,7 @@ def prometheus(server, tmp_path_factory):
 
 def _load(base_url: str, stop: threading.Event, counts: dict[int, int]) -> None:
     """Bounded: runs until `stop` or 200 rounds. Successes on two step-engine models (batched
-    n=2) and on a whole-call model (`tiny-pixart`: the pipeline-call panels), a 400, a 404,
+    n=2), with LoRA adapters, and on a whole-call model (`tiny-pixart`: the pipeline-call panels), a 400, a 404,
     and now and then a request the client abandons mid-generation (on `tiny-sd-small`, its
     own replica: the cancelled-steps panel)."""
     headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -120,6 +120,9 @@ def _load(base_url: str, stop: threading.Event, counts: dict[int, int]) -> None:
         {"model": "tiny-sd", "prompt": "a red fox", "n": 2, "num_inference_steps": 2, "response_format": "b64_json"},
         {"model": "tiny-flux", "prompt": "a blue bird", "num_inference_steps": 2, "response_format": "url"},
         {"model": "tiny-pixart", "prompt": "a green frog", "num_inference_steps": 2, "response_format": "b64_json"},
+        # LoRA adapters (two in memory on tiny-sd-lora): a hit, then misses and evictions as three rotate.
+        *({"model": f"tiny-sd-lora:{name}", "prompt": "a fox", "size": "64x64", "num_inference_steps": 2,
+           "response_format": "b64_json"} for name in ("red", "red", "blue", "green")),
         {"model": "tiny-sd", "prompt": "bad size", "size": "100x100"},
         {"model": "no-such-model", "prompt": "x"},
     ]

@@ -34,6 +34,7 @@ from PIL import Image
 
 from serve_app.config import ModelConfig
 from serve_app.engine import composite
+from serve_app.engine.loras.rows import LoraRows
 
 logger = logging.getLogger("ray.serve")
 
@@ -58,6 +59,8 @@ class ImageSpec:
     mask: Any = None
     strength: float = 1.0
     images: tuple[Any, ...] = ()  # every input image, in request order; images[0] is `image`
+    # LoRA adapters, stacked: (key of a loaded adapter, scale) pairs (engine/loras/); () for none.
+    loras: tuple[tuple[str, float], ...] = ()
     # Inpainting: return the input's own pixels where the mask keeps them (engine/composite.py);
     # False: the model's raw output, diffusers' Inpaint pipelines' image.
     preserve_unmasked: bool = True
@@ -115,6 +118,8 @@ class Runner:
     default_max_shift = 1.15
     #: the Inpaint pipeline starts from pure noise at strength 1.0 (FLUX's noises the image)
     inpaint_from_noise = True
+    #: applies each image's LoRA adapters to its own rows; the replica sets its manager's
+    loras: LoraRows = LoraRows(lambda key: _no_adapters(key))
     #: what previews are decoded with (engine/previews.py; set by make_runner); None: the VAE
     preview_decoder: Any = None
 
@@ -132,14 +137,18 @@ class Runner:
         encoded: dict[tuple, dict[str, Any]] = {}
         states = []
         for spec in specs:
-            text_key = (spec.prompt, spec.negative_prompt, self.uses_cfg(spec))
+            text_key = (spec.prompt, spec.negative_prompt, self.uses_cfg(spec), spec.loras)
             if text_key not in encoded:
-                encoded[text_key] = self.encode(spec)
+                with self.loras.prompt(spec.loras):  # an adapter's text-encoder part, for this prompt
+                    encoded[text_key] = self.encode(spec)
             states.append(self.initial_state(spec, encoded[text_key]))
         return states
 
     def step(self, states: list[DenoiseState]) -> None:
-        outputs = self.denoise(states)
+        # Each image's adapters on its own rows: [uncond x B, cond x B] under CFG, B rows otherwise.
+        rows = [s.spec.loras for s in states] * (2 if self.uses_cfg(states[0].spec) else 1)
+        with self.loras.batch(rows):
+            outputs = self.denoise(states)
         for state, output in zip(states, outputs, strict=True):
             stepped = state.scheduler.step(output, state.t, state.latents, **state.step_kwargs)
             state.x0 = self.estimate(state, output, stepped)
@@ -341,6 +350,10 @@ class Runner:
         if self.uses_cfg(states[0].spec):
             rows = [s.cond[negative] for s in states] + rows
         return torch.cat(rows)
+
+
+def _no_adapters(key: str) -> Any:
+    raise RuntimeError(f"LoRA adapter {key} requested from a runner without adapters")
 
 
 def run_together(runner: Any, specs: list[ImageSpec], join_at: list[int] | None = None) -> list[Image.Image]:
