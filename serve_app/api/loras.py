@@ -27,8 +27,8 @@ def lora_choices(request: ImageRequest, model: ModelConfig, catalog: LoraCatalog
     if not catalog.supports(model.id):
         if colon:
             raise ModelNotFoundError(request.model)
-        raise InvalidRequestError(f"Model '{model.id}' ({model.family}, batching policy {model.batching.policy}) does not "
-                                  "take LoRA adapters.", param="loras")
+        raise InvalidRequestError(f"Model '{model.id}' ({model.family}, batching policy "
+                                  f"{model.batching.policy}) does not take LoRA adapters.", param="loras")
     if len(asked) > MAX_LORAS:
         raise InvalidRequestError(f"At most {MAX_LORAS} LoRA adapters per request (with the one the model id "
                                   "names).", param="loras")
