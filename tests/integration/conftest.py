@@ -165,7 +165,6 @@ def server(tmp_path_factory) -> Server:
     app = config["applications"][0]
     app["args"]["models"] += ["tiny-sd-small", "tiny-broken", "tiny-flux-auto", "tiny-sd-auto", "tiny-sd-kill",
                               *EXTRA_FAMILIES, *QWEN_MODELS, LORA_MODEL]
-    app["args"].update(models_dir=str(_models_dir(work)), storage=str(storage))
     loras_dir = work / "loras"
     save_adapters("tiny-sd", loras_dir / LORA_MODEL, LORA_NAMES, strength=3.0)
     app["args"].update(models_dir=str(_models_dir(work)), storage=str(storage), loras_dir=str(loras_dir))
