@@ -68,7 +68,14 @@ class LoraCatalog:
         return dict(sorted(found.items()))
 
     def get(self, model_id: str, name: str) -> CatalogEntry | None:
-        return self.entries(model_id).get(name)
+        entry = self.entries(model_id).get(name)
+        if entry is None and self._dir is not None and model_id in self._models:
+            # Another process (an ingress replica, a model replica) may have seen the file already:
+            # look again now instead of refusing until this process's next rescan.
+            with self._lock:
+                self._scanned.pop(model_id, None)
+            entry = self.entries(model_id).get(name)
+        return entry
 
     def _directory(self, model_id: str) -> dict[str, CatalogEntry]:
         if self._dir is None:
