@@ -64,14 +64,6 @@ class ModelMetrics:
             tag_keys=("model", "key"),
         )
 
-    def step_cost(self, key: str, batch_size: int, seconds: float) -> None:
-        self._cost_step_s.set(seconds, tags={**self._tags, "key": key, "batch_size": str(batch_size)})
-
-    def image_costs(self, key: str, prepare_s: float, finish_s: float) -> None:
-        tags = {**self._tags, "key": key}
-        self._cost_prepare_s.set(prepare_s, tags=tags)
-        self._cost_finish_s.set(finish_s, tags=tags)
-
         # LoRA adapters (serve_app/engine/loras/manager.py).
         self._loras = metrics.Gauge("artserve_loras_loaded", "LoRA adapters in memory on the replica.",
                                     tag_keys=MODEL)
@@ -86,6 +78,14 @@ class ModelMetrics:
         self._lora_evictions = metrics.Counter(
             "artserve_lora_evictions", "Adapters dropped from memory (least recently used, none in use).",
             tag_keys=MODEL)
+
+    def step_cost(self, key: str, batch_size: int, seconds: float) -> None:
+        self._cost_step_s.set(seconds, tags={**self._tags, "key": key, "batch_size": str(batch_size)})
+
+    def image_costs(self, key: str, prepare_s: float, finish_s: float) -> None:
+        tags = {**self._tags, "key": key}
+        self._cost_prepare_s.set(prepare_s, tags=tags)
+        self._cost_finish_s.set(finish_s, tags=tags)
 
     def step(self, images: int, seconds: float, *, whole_call: bool = False) -> None:
         self._step_batch.observe(images, tags=self._tags)
