@@ -138,6 +138,8 @@ def test_dev_variant_is_cpu_only():
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_common_objects_validate_against_kubernetes_schemas(name):
     docs = [d for d in render(name) if d["kind"] != "RayService"]
+    redis = [d for d in docs if d["metadata"]["name"] == "artserve-redis"]  # test_gcs_fault_tolerance_...
+    docs = [d for d in docs if d not in redis]
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == ["BackendConfig", "Ingress", "Namespace", "Service", "ServiceAccount"]
     docs = {d["kind"]: d for d in docs}
@@ -151,6 +153,28 @@ def test_common_objects_validate_against_kubernetes_schemas(name):
     assert backend["metadata"]["name"] in docs[2]["metadata"]["annotations"]["cloud.google.com/backend-config"]
     assert backend["spec"]["timeoutSec"] >= 600 and backend["spec"]["healthCheck"]["requestPath"] == "/-/healthz"
     assert docs[3]["spec"]["defaultBackend"]["service"]["name"] == docs[2]["metadata"]["name"]
+
+
+def test_gcs_fault_tolerance_has_its_redis_in_production_only():
+    """The production head restarts without losing the cluster (tests/cluster shows it): the
+    GCS's Redis is the Service and StatefulSet rendered beside it, with the password from one Secret."""
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in render("production")}
+    options = docs["RayService", "artserve"]["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    service, redis = docs["Service", "artserve-redis"], docs["StatefulSet", "artserve-redis"]
+    for doc in (service, redis):
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    host, port = options["redisAddress"].split(":")
+    assert host == service["metadata"]["name"] and int(port) == service["spec"]["ports"][0]["port"]
+    assert service["spec"]["selector"].items() <= redis["spec"]["template"]["metadata"]["labels"].items()
+    [container] = redis["spec"]["template"]["spec"]["containers"]
+    [password] = [e for e in container["env"] if e["name"] == "REDIS_PASSWORD"]
+    assert password["valueFrom"] == options["redisPassword"]["valueFrom"]  # one Secret for both ends
+    assert "$(REDIS_PASSWORD)" in container["args"] and "--appendonly" in container["args"]
+    assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == container["volumeMounts"][0]["name"]
+    dev = render("dev")
+    assert not [d for d in dev if d["metadata"]["name"] == "artserve-redis"]
+    [service_dev] = [d for d in dev if d["kind"] == "RayService"]
+    assert "gcsFaultToleranceOptions" not in service_dev["spec"]["rayClusterConfig"]
 
 
 @pytest.mark.parametrize(
