@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import shutil
 import subprocess
 import sys
@@ -218,9 +219,25 @@ def check_cluster(config: dict) -> dict:
 def test_cluster_yaml_passes_rays_own_checks():
     prepared = check_cluster(cluster_config())
     types = prepared["available_node_types"]
-    assert types["head"]["resources"] == {"CPU": 0}
+    assert types["head"]["resources"] == {"CPU": 0, "artserve_cpu_node": 1}
     assert types["gpu_l4"]["min_workers"] == 0 and types["gpu_h100"]["min_workers"] == 0
     assert any('"ray[serve,default]==2.60.0"' in command for command in prepared["setup_commands"])
+
+
+def test_only_cpu_node_types_offer_the_resource_the_cpu_only_deployments_ask_for():
+    """The production serve configs name `cpu_node_resource`; the head and the CPU pool offer it
+    (cluster.yaml; KubeRay's rayStartParams), no GPU pool does: the ingress and the idempotency
+    store can start, and never keep a GPU node up."""
+    resource = yaml.safe_load((ROOT / "serve_config.production.yaml").read_text())["applications"][0]["args"][
+        "cpu_node_resource"]
+    offering = {name for name, spec in cluster_config()["available_node_types"].items()
+                if resource in spec["resources"]}
+    assert offering == {"head", "cpu"}
+    cluster = rayservice("production")["spec"]["rayClusterConfig"]
+    groups = {"head": cluster["headGroupSpec"], **{g["groupName"]: g for g in cluster["workerGroupSpecs"]}}
+    offering = {name for name, group in groups.items()
+                if resource in json.loads(json.loads(group["rayStartParams"].get("resources", '"{}"')))}
+    assert offering == {"head", "cpu"}
 
 
 @pytest.mark.parametrize(
