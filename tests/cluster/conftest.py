@@ -41,13 +41,27 @@ AUTOSCALING = {  # scale to zero, with test-sized delays (production: minutes)
 }
 
 
-# One cluster for all: the GCS tests go last (their control ends the cluster).
-MODULE_ORDER = ["test_pools.py", "test_gcs_fault_tolerance.py"]
+# The production serve config's: the ingress and the idempotency store stay off GPU nodes.
+PRODUCTION_ARGS = yaml.safe_load((ROOT / "serve_config.production.yaml").read_text())["applications"][0]["args"]
+CPU_NODE_RESOURCE = PRODUCTION_ARGS["cpu_node_resource"]
+
+# One cluster for all, in this order: each test starts from what the one before left warm (a
+# replica still up saves a scale from zero), the GCS tests last (the control ends the cluster).
+TEST_ORDER = [
+    "test_scale_from_zero_lands_each_model_on_its_pool",
+    # Before the node loss: run after it once, the autoscaler's verdict did not come within the timeout.
+    "test_a_model_no_node_type_can_hold_gets_a_clear_503",
+    "test_a_capped_pool_queues_requests",  # the H100 replica from zero still up
+    "test_a_gpu_node_lost_under_load",  # the L4 replica still up
+    "test_a_redeploy_settles_and_idle_gpu_nodes_are_released",  # the new L4 replica still up
+    "test_a_gcs_restart_with_redis_loses_no_generation",
+    "test_control_a_gcs_restart_without_its_stored_state_loses_the_cluster",
+]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     slots = [i for i, item in enumerate(items) if item.path.parent == Path(__file__).parent]
-    ordered = sorted((items[i] for i in slots), key=lambda item: MODULE_ORDER.index(item.path.name))
+    ordered = sorted((items[i] for i in slots), key=lambda item: TEST_ORDER.index(item.name))  # every test listed
     for slot, item in zip(slots, ordered, strict=True):
         items[slot] = item
 
@@ -56,7 +70,8 @@ def catalog_actor_options(model_id: str) -> dict[str, Any]:
     return dict(yaml.safe_load((ROOT / "models" / f"{model_id}.yaml").read_text())["deployment"]["ray_actor_options"])
 
 
-def write_models(directory: Path, changes: dict[str, dict[str, Any]] | None = None) -> None:
+def write_models(directory: Path, changes: dict[str, dict[str, Any]] | None = None,
+                 downscale_delay_s: float = AUTOSCALING["downscale_delay_s"]) -> None:
     """The tiny models with the catalog's resources; `changes` updates a model's YAML."""
     directory.mkdir(exist_ok=True)
     for model_id, base, production in SHAPES:
@@ -64,7 +79,9 @@ def write_models(directory: Path, changes: dict[str, dict[str, Any]] | None = No
         options = catalog_actor_options(production)
         if model_id == A100_MODEL:
             options["accelerator_type"] = "A100"  # no node type of cluster.yaml has one
-        autoscaling = {**AUTOSCALING, "max_replicas": 2} if model_id == H100_MODEL else AUTOSCALING
+        autoscaling = {**AUTOSCALING, "downscale_delay_s": downscale_delay_s}
+        if model_id == H100_MODEL:
+            autoscaling["max_replicas"] = 2
         model.update(id=model_id, deployment={"ray_actor_options": options, "autoscaling_config": autoscaling,
                                               "graceful_shutdown_timeout_s": 5})  # tiny requests end in seconds
         model.update((changes or {}).get(model_id, {}))
@@ -102,7 +119,8 @@ class ClusterApp:
                 "name": "artserve", "route_prefix": "/", "import_path": "serve_app.app:build_app",
                 "args": {"models": [m for m, _, _ in SHAPES], "models_dir": str(self.models_dir),
                          # One directory every fake node sees: storage all nodes share, as a bucket is.
-                         "storage": str(self.storage), "request_timeout_s": REQUEST_TIMEOUT_S, **args},
+                         "storage": str(self.storage), "request_timeout_s": REQUEST_TIMEOUT_S,
+                         "cpu_node_resource": CPU_NODE_RESOURCE, **args},
             }],
         }
 
@@ -130,6 +148,13 @@ class ClusterApp:
 
     def deployment(self, model: str) -> dict[str, Any]:
         return self.cluster.serve_applications()["artserve"]["deployments"][f"ModelServer:{model}"]
+
+    def cpu_only_node_types(self) -> dict[str, set[str]]:
+        """The node types the ingress and the idempotency store run on."""
+        deployments = self.cluster.serve_applications()["artserve"]["deployments"]
+        types = self.node_types()
+        return {name: {types.get(r["node_id"], "?") for r in deployments[name]["replicas"]}
+                for name in ("ImageIngress", "IdempotencyStore")}
 
     def replica_nodes(self, model: str) -> list[str]:
         return [r["node_id"] for r in self.deployment(model)["replicas"] if r["state"] == "RUNNING"]
@@ -214,7 +239,11 @@ def app() -> Iterator[ClusterApp]:
     env = {"ARTSERVE_API_KEYS": API_KEY, "HF_HUB_OFFLINE": "1",
            # A proxy on a node left without replicas drains this long before it goes and the node
            # can idle out (production keeps Serve's 30 s: load balancers see the drain).
-           "RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S": "5"}
+           "RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S": "5",
+           # A dead node is declared dead after ~5 failed health checks 1 s apart, not 15 s: until
+           # then the autoscaler counts its GPU as free and launches no replacement (a slow but
+           # live node still has 5 checks of 5 s to answer).
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "5000"}
     cluster = FakeCluster(types, head, env=env,
                           idle_timeout_minutes=IDLE_TIMEOUT_MINUTES, head_object_store_bytes=OBJECT_STORE_BYTES,
                           gcs_fault_tolerance=True)

@@ -293,8 +293,11 @@ class FakeCluster:
     def nodes(self, alive_only: bool = True) -> list[dict[str, Any]]:
         return [n for n in self._state("nodes") if not alive_only or n["state"] == "ALIVE"]
 
-    def actors(self) -> list[dict[str, Any]]:
-        return [a for a in self._state("actors") if a["state"] == "ALIVE"]
+    def actors(self, alive_only: bool = True) -> list[dict[str, Any]]:
+        return [a for a in self._state("actors") if not alive_only or a["state"] == "ALIVE"]
+
+    def placement_groups(self) -> list[tuple[str, Any]]:
+        return [(p.get("state"), p.get("bundles")) for p in self._state("placement_groups")]
 
     def autoscaler_status(self) -> dict[str, Any]:
         response = self.http.get(f"{self.dashboard_url}/api/cluster_status")

@@ -24,13 +24,15 @@ from tests.cluster.conftest import (
     Load,
     Reply,
     Timeline,
+    write_models,
 )
-from tests.cluster.harness import wait_for
+from tests.cluster.harness import HEAD_TYPE, wait_for
 
 pytestmark = pytest.mark.cluster
 FROM_ZERO_BOUND_S = 90  # a fake node joins in seconds; the replica loads tiny weights
 RECOVERY_BOUND_S = 120  # Serve notices, the autoscaler launches a replacement node, the replica loads
 IDLE_BOUND_S = AUTOSCALING["downscale_delay_s"] + 60
+REDEPLOYED_DOWNSCALE_DELAY_S = 5
 
 
 def envelope(reply: Reply) -> bool:
@@ -62,8 +64,10 @@ def test_scale_from_zero_lands_each_model_on_its_pool(app):
     types = app.node_types()
     assert [types[n] for n in app.replica_nodes(L4_MODEL)] == ["gpu_l4"]
     assert [types[n] for n in app.replica_nodes(H100_MODEL)] == ["gpu_h100"]
-    ingress = app.cluster.serve_applications()["artserve"]["deployments"]["ImageIngress"]["replicas"]
-    assert {types[r["node_id"]] for r in ingress} == {"cpu"}  # never on a GPU node, never on the head
+    # CPU-only deployments never on a GPU node: the ingress on the CPU node (the head has no CPU for
+    # it), the idempotency store (no CPU) on the head or the CPU node.
+    placed = app.cpu_only_node_types()
+    assert placed["ImageIngress"] == {"cpu"} and placed["IdempotencyStore"] <= {"cpu", HEAD_TYPE}, placed
     # Each replica holds its node's one GPU in Ray's books; with no CUDA behind it the engine ran on CPU.
     report = app.cluster.autoscaler_status()["loadMetricsReport"]
     for model in (L4_MODEL, H100_MODEL):
@@ -108,7 +112,8 @@ def test_a_capped_pool_queues_requests(app):
 @pytest.mark.timeout(300)
 def test_a_gpu_node_lost_under_load(app):
     killed_at = float("nan")
-    with Timeline(app, L4_MODEL) as timeline, Load(app, L4_MODEL, clients=4, steps=10) as load:
+    # Clients pause between requests so that 503s do not starve the recovery of this machine's CPUs.
+    with Timeline(app, L4_MODEL) as timeline, Load(app, L4_MODEL, clients=4, pause_s=0.5) as load:
         try:
             served = wait_for("the model serving under load", lambda: [r for r in list(load.replies)
                                                                      if r.status == 200], FROM_ZERO_BOUND_S, 0.5)
@@ -155,7 +160,9 @@ def test_a_redeploy_settles_and_idle_gpu_nodes_are_released(app):
                 FROM_ZERO_BOUND_S, 0.5)
             assert len(app.nodes_of("gpu_l4")) == 1  # steady: one replica, one node
             started = time.monotonic()
-            # A new app config: every model deployment gets a new version (the idle ones stay at zero).
+            # A new app config: every model deployment gets a new version (the idle ones stay at zero),
+            # and the models a shorter downscale delay (the idle phase below waits for it).
+            write_models(app.models_dir, downscale_delay_s=REDEPLOYED_DOWNSCALE_DELAY_S)
             app.deploy(janitor_period_s=300)
 
             def settled() -> bool:
@@ -165,6 +172,10 @@ def test_a_redeploy_settles_and_idle_gpu_nodes_are_released(app):
 
             wait_for("the redeployed model on one gpu_l4 node again", settled, 180, 1)
             redeployed_s = time.monotonic() - started
+            # The new CPU-only replicas too stay off GPU nodes (unpinned, they were placed on the
+            # idle H100 node, which was then never released).
+            placed = app.cpu_only_node_types()
+            assert placed["ImageIngress"] == {"cpu"} and placed["IdempotencyStore"] <= {"cpu", HEAD_TYPE}, placed
         finally:
             print(f"\n[cluster] {L4_MODEL} through the redeploy:\n{timeline}")
     replies = load.replies
@@ -178,13 +189,16 @@ def test_a_redeploy_settles_and_idle_gpu_nodes_are_released(app):
                  120, 1)
     except AssertionError:  # what still holds the node: its resources in use, its replicas and actors
         report = app.cluster.autoscaler_status()["loadMetricsReport"]
-        print(f"[cluster] nodes {app.node_types()}\nusage {report.get('usageByNode')}\n"
-              f"replicas {[(r['state'], r['node_id']) for r in app.deployment(L4_MODEL)['replicas']]}\n"
-              f"actors {[(a['class_name'], a['node_id']) for a in app.cluster.actors()]}")
+        replicas = {m: [(r["state"], r["node_id"]) for r in app.deployment(m)["replicas"]]
+                    for m in (L4_MODEL, H100_MODEL)}
+        actors = [(a["class_name"], a["state"], a["node_id"]) for a in app.cluster.actors(alive_only=False)
+                  if a["state"] != "DEAD"]
+        print(f"[cluster] nodes {app.node_types()}\nusage {report.get('usageByNode')}\nreplicas {replicas}\n"
+              f"actors {actors}\nplacement groups {app.cluster.placement_groups()}")
         raise
     released_s = time.monotonic() - idle_from - zero_s
     assert app.nodes_of("cpu")  # min_workers: 1 stays
     print(f"\n[cluster] redeploy under light load settled on one gpu_l4 node in {redeployed_s:.1f}s "
           f"({sum(r.status == 200 for r in replies)} x 200, {sum(r.status == 503 for r in replies)} x 503); idle: "
-          f"replicas at zero after {zero_s:.1f}s (downscale_delay_s {AUTOSCALING['downscale_delay_s']}), GPU nodes "
+          f"replicas at zero after {zero_s:.1f}s (downscale_delay_s {REDEPLOYED_DOWNSCALE_DELAY_S}), GPU nodes "
           f"released {released_s:.1f}s later (idle_timeout {IDLE_TIMEOUT_MINUTES * 60:.0f}s)")
