@@ -19,7 +19,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -179,6 +179,21 @@ class ModelReadiness:
             waiting.cancel()
             if changed is not None:
                 changed.cancel()
+
+    async def guard_stream(self, model_id: str, parts: AsyncIterator[T]) -> AsyncIterator[T]:
+        """`parts` (a model's streaming response), each one awaited under `guard`: a stream
+        waiting for a replica that cannot come ends with the 503 a new request would get (the
+        relay sends it as the stream's error event) instead of waiting for the client to give up."""
+        iterator = aiter(parts)
+        while True:
+            try:
+                part = await self.guard(model_id, anext(iterator))
+            except StopAsyncIteration:
+                return
+            except ServiceUnavailableError:
+                getattr(parts, "cancel", lambda: None)()  # a DeploymentResponseGenerator leaves Serve's queue
+                raise
+            yield part
 
     async def _poll(self) -> None:
         app = serve.get_replica_context().app_name

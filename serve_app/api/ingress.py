@@ -240,6 +240,8 @@ class ImageIngress:
         parts = self.handles[prepared.model_id].options(stream=True).generate_stream.remote(prepared.job)
         # The events carry no seed (OpenAI's schema): the header does, for the playground and tools.
         headers = {"Cache-Control": "no-cache", "x-artserve-seed": str(prepared.job.seeds[0])}
+        # guard_stream: ended with a 503 event if the replica it waits for cannot come (lost, failed, no node).
+        parts = self.readiness.guard_stream(prepared.model_id, parts)
         return StreamingResponse(relay(parts, prepared.job, prepared.quality, _from_replica),
                                  media_type="text/event-stream", headers=headers)
 

@@ -152,3 +152,43 @@ def test_a_request_queued_for_a_lost_replica_is_released_but_not_one_waiting_for
         assert error.value.response_headers()["Retry-After"] == "10"
 
     asyncio.run(scenario())
+
+
+class Parts:
+    """A model's stream: `first` parts at once, then it waits, like one whose replica was lost."""
+
+    def __init__(self, first: list[str], then_end: bool = False):
+        self.first, self.then_end, self.cancelled = list(first), then_end, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> str:
+        if self.first:
+            return self.first.pop(0)
+        if self.then_end:
+            raise StopAsyncIteration
+        await asyncio.get_running_loop().create_future()  # never
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_a_stream_waiting_for_a_lost_replica_ends_with_the_503():
+    async def scenario():
+        readiness = await ready(ModelReadiness(set()))
+        poll(readiness, "sdxl", DeploymentState("HEALTHY", "", running=1))
+        whole = [part async for part in readiness.guard_stream("sdxl", Parts(["p1", "p2", "done"], then_end=True))]
+        assert whole == ["p1", "p2", "done"]
+        parts = Parts(["p1"])
+        stream = readiness.guard_stream("sdxl", parts)
+        assert await anext(stream) == "p1"
+        waiting = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # the next partial image is on its way
+        poll(readiness, "sdxl", LOST)
+        with pytest.raises(ServiceUnavailableError) as error:
+            await asyncio.wait_for(waiting, 1)
+        assert parts.cancelled and "lost its replica" in error.value.message
+
+    asyncio.run(scenario())
