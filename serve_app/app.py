@@ -22,6 +22,19 @@ INGRESS_DEFAULTS: dict[str, Any] = {
     # Ctrl-C / SIGTERM / a redeploy: requests in flight get this long to finish.
     "graceful_shutdown_timeout_s": 120,
 }
+# What a CPU-only replica asks of `cpu_node_resource`: a sliver, so a node offering 1 holds any number.
+CPU_NODE_SHARE = 0.001
+
+
+def on_cpu_nodes(options: dict[str, Any], resource: str | None) -> dict[str, Any]:
+    """`options` with `ray_actor_options.resources` asking for `resource` (an operator's own amount
+    of it kept). Ray places a replica on any node with room: a CPU-only one (no GPU asked) fits on
+    an idle GPU node and keeps it, and the GPU it costs, from ever being released."""
+    if resource is None:
+        return options
+    actor = dict(options.get("ray_actor_options") or {})
+    actor["resources"] = {resource: CPU_NODE_SHARE, **(actor.get("resources") or {})}
+    return {**options, "ray_actor_options": actor}
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -32,10 +45,13 @@ def build_app(args: dict[str, Any]) -> Application:
         for model_id, model in models.items()
     }
     # Replays must not hand out links that have expired: keep entries no longer than links live.
-    idempotency = IdempotencyStore.bind(
+    idempotency = IdempotencyStore.options(
+        **on_cpu_nodes({"ray_actor_options": IdempotencyStore.ray_actor_options}, config.cpu_node_resource)
+    ).bind(
         ttl_s=min(config.idempotency_ttl_s, config.url_ttl_s),
         max_bytes=config.idempotency_max_bytes,
         lease_s=config.request_timeout_s + 30,
     )
     logger.info("ArtServe: models %s, images in %s", sorted(models), config.storage)
-    return ImageIngress.options(**{**INGRESS_DEFAULTS, **config.ingress}).bind(config, models, handles, idempotency)
+    ingress = on_cpu_nodes({**INGRESS_DEFAULTS, **config.ingress}, config.cpu_node_resource)
+    return ImageIngress.options(**ingress).bind(config, models, handles, idempotency)

@@ -570,6 +570,13 @@ class AppConfig(Strict):
         "On several nodes it must be a directory every node sees (docs/loras.md). Env: ARTSERVE_LORAS_DIR.",
     )
     ingress: dict[str, Any] = Field(default_factory=dict, description="Ingress deployment options.")
+    cpu_node_resource: str | None = Field(
+        None,
+        min_length=1,
+        description="A custom Ray resource that only CPU node types offer (cluster.yaml, k8s/: the head and the "
+        "cpu group): the ingress and the idempotency store ask for a sliver of it, so they never land on a GPU node "
+        "and keep it from being released. None (single-node `serve run`): they go anywhere.",
+    )
 
     @field_validator("edit_url_hosts", mode="before")
     @classmethod

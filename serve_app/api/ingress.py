@@ -52,7 +52,6 @@ from serve_app.storage.local import ROUTE_PREFIX, LocalImageStore
 
 logger = logging.getLogger("ray.serve")
 RETRY_AFTER_S = 2
-NOT_READY_RETRY_AFTER_S = 10
 SMALL_BODY_BYTES = 64 * 1024  # routes that take no body (GETs, unknown paths)
 
 
@@ -127,9 +126,7 @@ class ImageIngress:
         self.idempotency = idempotency
         self.keys = ApiKeys.from_env()
         self.metrics = IngressMetrics()
-        self.readiness = ModelReadiness(
-            {m.id for m in models.values() if (m.deployment.get("autoscaling_config") or {}).get("min_replicas") == 0}
-        )
+        self.readiness = ModelReadiness.for_models(models)
         if not self.keys:
             logger.warning("no API keys configured (ARTSERVE_API_KEYS): the API is open to anyone")
         self.local_store = (
@@ -252,9 +249,9 @@ class ImageIngress:
 
     async def _check_ready(self, model_id: str) -> None:
         # Not in _prepare: an Idempotency-Key replay needs no model.
-        reason = await self.readiness.not_ready_reason(model_id)
-        if reason:
-            raise ServiceUnavailableError(reason, headers={"Retry-After": str(NOT_READY_RETRY_AFTER_S)})
+        refusal = await self.readiness.refusal(model_id)
+        if refusal is not None:
+            raise refusal
 
     async def _stream(self, prepared: Prepared) -> StreamingResponse:
         """Validation errors were plain JSON before this; from here on, events."""
@@ -262,6 +259,8 @@ class ImageIngress:
         parts = self.handles[prepared.model_id].options(stream=True).generate_stream.remote(prepared.job)
         # The events carry no seed (OpenAI's schema): the header does, for the playground and tools.
         headers = {"Cache-Control": "no-cache", "x-artserve-seed": str(prepared.job.seeds[0])}
+        # guard_stream: ended with a 503 event if the replica it waits for cannot come (lost, failed, no node).
+        parts = self.readiness.guard_stream(prepared.model_id, parts)
         return StreamingResponse(relay(parts, prepared.job, prepared.quality, _from_replica),
                                  media_type="text/event-stream", headers=headers)
 
@@ -271,7 +270,9 @@ class ImageIngress:
         response = self.handles[prepared.model_id].generate.remote(job)
         called = time.monotonic()
         try:
-            result: GenerationResult = await asyncio.wait_for(response, self.config.request_timeout_s)
+            # guard: released with a 503 if the replica it waits for cannot come (lost, failed, no node).
+            result: GenerationResult = await asyncio.wait_for(self.readiness.guard(prepared.model_id, response),
+                                                              self.config.request_timeout_s)
         except TimeoutError:
             response.cancel()
             raise ServiceUnavailableError("Image generation timed out; try again later.") from None

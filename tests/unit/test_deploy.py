@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import shutil
 import subprocess
 import sys
@@ -138,6 +139,8 @@ def test_dev_variant_is_cpu_only():
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_common_objects_validate_against_kubernetes_schemas(name):
     docs = [d for d in render(name) if d["kind"] != "RayService"]
+    redis = [d for d in docs if d["metadata"]["name"] == "artserve-redis"]  # test_gcs_fault_tolerance_...
+    docs = [d for d in docs if d not in redis]
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == ["BackendConfig", "Ingress", "Namespace", "Service", "ServiceAccount"]
     docs = {d["kind"]: d for d in docs}
@@ -151,6 +154,28 @@ def test_common_objects_validate_against_kubernetes_schemas(name):
     assert backend["metadata"]["name"] in docs[2]["metadata"]["annotations"]["cloud.google.com/backend-config"]
     assert backend["spec"]["timeoutSec"] >= 600 and backend["spec"]["healthCheck"]["requestPath"] == "/-/healthz"
     assert docs[3]["spec"]["defaultBackend"]["service"]["name"] == docs[2]["metadata"]["name"]
+
+
+def test_gcs_fault_tolerance_has_its_redis_in_production_only():
+    """The production head restarts without losing the cluster (tests/cluster shows it): the
+    GCS's Redis is the Service and StatefulSet rendered beside it, with the password from one Secret."""
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in render("production")}
+    options = docs["RayService", "artserve"]["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    service, redis = docs["Service", "artserve-redis"], docs["StatefulSet", "artserve-redis"]
+    for doc in (service, redis):
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    host, port = options["redisAddress"].split(":")
+    assert host == service["metadata"]["name"] and int(port) == service["spec"]["ports"][0]["port"]
+    assert service["spec"]["selector"].items() <= redis["spec"]["template"]["metadata"]["labels"].items()
+    [container] = redis["spec"]["template"]["spec"]["containers"]
+    [password] = [e for e in container["env"] if e["name"] == "REDIS_PASSWORD"]
+    assert password["valueFrom"] == options["redisPassword"]["valueFrom"]  # one Secret for both ends
+    assert "$(REDIS_PASSWORD)" in container["args"] and "--appendonly" in container["args"]
+    assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == container["volumeMounts"][0]["name"]
+    dev = render("dev")
+    assert not [d for d in dev if d["metadata"]["name"] == "artserve-redis"]
+    [service_dev] = [d for d in dev if d["kind"] == "RayService"]
+    assert "gcsFaultToleranceOptions" not in service_dev["spec"]["rayClusterConfig"]
 
 
 @pytest.mark.parametrize(
@@ -194,9 +219,25 @@ def check_cluster(config: dict) -> dict:
 def test_cluster_yaml_passes_rays_own_checks():
     prepared = check_cluster(cluster_config())
     types = prepared["available_node_types"]
-    assert types["head"]["resources"] == {"CPU": 0}
+    assert types["head"]["resources"] == {"CPU": 0, "artserve_cpu_node": 1}
     assert types["gpu_l4"]["min_workers"] == 0 and types["gpu_h100"]["min_workers"] == 0
     assert any('"ray[serve,default]==2.60.0"' in command for command in prepared["setup_commands"])
+
+
+def test_only_cpu_node_types_offer_the_resource_the_cpu_only_deployments_ask_for():
+    """The production serve configs name `cpu_node_resource`; the head and the CPU pool offer it
+    (cluster.yaml; KubeRay's rayStartParams), no GPU pool does: the ingress and the idempotency
+    store can start, and never keep a GPU node up."""
+    resource = yaml.safe_load((ROOT / "serve_config.production.yaml").read_text())["applications"][0]["args"][
+        "cpu_node_resource"]
+    offering = {name for name, spec in cluster_config()["available_node_types"].items()
+                if resource in spec["resources"]}
+    assert offering == {"head", "cpu"}
+    cluster = rayservice("production")["spec"]["rayClusterConfig"]
+    groups = {"head": cluster["headGroupSpec"], **{g["groupName"]: g for g in cluster["workerGroupSpecs"]}}
+    offering = {name for name, group in groups.items()
+                if resource in json.loads(json.loads(group["rayStartParams"].get("resources", '"{}"')))}
+    assert offering == {"head", "cpu"}
 
 
 @pytest.mark.parametrize(

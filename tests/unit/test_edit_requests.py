@@ -28,11 +28,14 @@ class Metrics:
 
 
 class Ready:
-    async def not_ready_reason(self, model_id: str) -> None:
+    async def refusal(self, model_id: str) -> None:
         return None
 
     async def state(self, model_id: str) -> tuple[str, int]:
         return "HEALTHY", 1
+
+    async def guard(self, model_id: str, call):
+        return await call
 
 
 class Handle:
