@@ -69,9 +69,10 @@ class LoraCatalog:
 
     def get(self, model_id: str, name: str) -> CatalogEntry | None:
         entry = self.entries(model_id).get(name)
-        if entry is None and self._dir is not None and model_id in self._models:
-            # Another process (an ingress replica, a model replica) may have seen the file already:
-            # look again now instead of refusing until this process's next rescan.
+        gone = entry is not None and entry.origin == "directory" and not os.path.exists(entry.source.source)
+        if (entry is None or gone) and self._dir is not None and model_id in self._models:
+            # Another process (an ingress replica, a model replica) may have seen the change already:
+            # look again now instead of answering from this process's last listing.
             with self._lock:
                 self._scanned.pop(model_id, None)
             entry = self.entries(model_id).get(name)

@@ -308,9 +308,11 @@ class ImageIngress:
 
     async def adapter_cards(self, model: ModelConfig, name: str | None = None) -> list[ModelCard]:
         """The model's LoRA adapters as models of their own (`<model>:<adapter>`); one, by name."""
-        entries = self.loras.entries(model.id)
-        if name is not None:
-            entries = {name: entries[name]} if name in entries else {}
+        if name is None:
+            entries = self.loras.entries(model.id)
+        else:
+            entry = self.loras.get(model.id, name)  # looks again at once for a name not listed yet
+            entries = {name: entry} if entry is not None else {}
         if not entries:
             return []
         card = await self.model_card(model)

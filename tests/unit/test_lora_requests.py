@@ -69,10 +69,12 @@ def test_the_directory_is_rescanned_and_the_yaml_adds_and_wins(tmp_path, loras_d
     (loras_dir / "tiny-sd" / "green.safetensors").write_bytes(b"x")
     (loras_dir / "tiny-sd" / "blue.safetensors").unlink()
     assert "green" not in catalog.entries("tiny-sd")  # within the rescan period: the last listing
-    assert catalog.get("tiny-sd", "green").origin == "directory"  # a name asked for is looked up at once
-    assert "blue" not in catalog.entries("tiny-sd")  # ... which refreshed the listing
+    assert catalog.get("tiny-sd", "blue") is None  # a removed file is never handed out, even within the period
+    assert "green" in catalog.entries("tiny-sd")  # ... that looked again
+    (loras_dir / "tiny-sd" / "yellow.safetensors").write_bytes(b"x")
+    assert catalog.get("tiny-sd", "yellow").origin == "directory"  # a name asked for is looked up at once
     now[0] = 2.5
-    assert list(catalog.entries("tiny-sd")) == ["green", "hub", "red", "v1.5"]
+    assert list(catalog.entries("tiny-sd")) == ["green", "hub", "red", "v1.5", "yellow"]
     assert not catalog.supports("tiny-pixart") and catalog.entries("tiny-pixart") == {}
 
 
