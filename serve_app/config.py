@@ -28,6 +28,8 @@ Family = Literal["stable-diffusion", "stable-diffusion-xl", "stable-diffusion-3"
 # Every other family edits from one image: image-to-image or inpainting from the first.
 # (FLUX.2; Qwen-Image-Edit Plus: 1-3 references. Qwen-Image itself only generates.)
 REFERENCE_FAMILIES: set[str] = {"flux2", "qwen-image-edit"}
+# Families whose runner makes images from text alone (Qwen-Image's edits are qwen-image-edit's).
+TEXT_TO_IMAGE_ONLY = {"generic", "qwen-image"}
 # What a reference family's pipeline requires of each reference: the shortest side in pixels and
 # the largest aspect ratio (FLUX.2: Flux2ImageProcessor.check_image_input). Checked from the header.
 REFERENCE_SHAPE: dict[str, tuple[int, float]] = {"flux2": (64, 8.0)}
@@ -404,7 +406,7 @@ class ModelConfig(Strict):
     @classmethod
     def _generic_does_not_edit(cls, data: Any) -> Any:
         # A generic pipeline is called as text-to-image only: no image input to give it.
-        if isinstance(data, dict) and data.get("family") == "generic" and "edits" not in data:
+        if isinstance(data, dict) and data.get("family") in TEXT_TO_IMAGE_ONLY and "edits" not in data:
             data = {**data, "edits": {"enabled": False}}
         return data
 
@@ -428,8 +430,8 @@ class ModelConfig(Strict):
                              "stable-diffusion-3, generic, flux2)")
         if set(self.style) != {"vivid", "natural"}:
             raise ValueError("style presets must define exactly vivid and natural")
-        if self.family == "generic" and self.edits.enabled:
-            raise ValueError("edits: generic pipelines are text-to-image only (edits.enabled: false)")
+        if self.family in TEXT_TO_IMAGE_ONLY and self.edits.enabled:
+            raise ValueError(f"edits: {self.family} pipelines are text-to-image only (edits.enabled: false)")
         if self.batching.policy == "call" and self.edits.enabled:
             raise ValueError("edits need the step engine: batching.policy call runs whole pipeline calls "
                              "(set edits.enabled: false, or batching.policy: cost or fixed)")

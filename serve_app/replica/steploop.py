@@ -78,7 +78,9 @@ class StepLoop:
         """The request's waiting images are dropped now, its running ones at the next step."""
         with self._lock:
             dropped = self.scheduler.cancel(request_id)
-            saved = sum(self._work.pop(id(t)).spec.steps for t in dropped)
+            saved = sum(t.steps for t in dropped)  # an edit runs steps x strength of them
+            for t in dropped:
+                self._work.pop(id(t))
         self._count_cancelled(saved)
 
     def alive(self) -> bool:

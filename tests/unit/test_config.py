@@ -50,6 +50,7 @@ def test_typo_in_a_key_names_the_file_and_key(tmp_path, tiny_sd):
         (lambda d: d["deployment"].update(max_ongoing_requests=0), "invalid Serve"),
         (lambda d: d.pop("source"), "source"),
         (lambda d: d.update(family="generic"), "generic pipelines are text-to-image only"),
+        (lambda d: d.update(family="qwen-image"), "qwen-image pipelines are text-to-image only"),
         (lambda d: d["batching"].update(policy="call"), "edits need the step engine"),
         (lambda d: d["batching"].update(policy="sjf"), r"batching\.policy"),
         (lambda d: d["batching"].update(mode="turbo"), "not step or call"),

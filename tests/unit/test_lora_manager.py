@@ -223,3 +223,11 @@ def test_what_does_not_fit_is_refused(pipeline, files, tmp_path, damage, reason)
         save_file(tensors, str(path))
     with pytest.raises(AdapterRefused, match=reason):
         AdapterReader(pipeline).read(path, "bad", sha256_of(path))
+
+
+def test_a_model_with_fused_attention_refuses_adapters_it_would_silently_skip(files):
+    """engine.fuse_qkv: the fused processors call to_qkv, never the to_q/to_k/to_v layers the adapter adapts."""
+    fused = fresh_pipeline("tiny-sd")
+    fused.unet.fuse_qkv_projections()
+    with pytest.raises(AdapterRefused, match="fuse_qkv"):
+        AdapterReader(fused).read(files["a"], "a", sha256_of(files["a"]))

@@ -197,6 +197,9 @@ class AdapterReader:
             raise AdapterRefused(NOT_FITTING, f"{component}: unexpected keys {unexpected[:3]}")
 
 
+FUSED_AWAY = {"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"}  # what fuse_qkv replaces
+
+
 def harvest(shadow: nn.Module, live: nn.Module, key: str) -> dict[nn.Module, LoraLayer]:
     """The LoRA modules PEFT put into the shadow for adapter `key`, keyed by the live layer each
     belongs to (same path, same weight tensor)."""
@@ -213,6 +216,12 @@ def harvest(shadow: nn.Module, live: nn.Module, key: str) -> dict[nn.Module, Lor
         if not isinstance(module, lora.Linear | lora.Conv2d):
             raise AdapterRefused(NOT_FITTING, f"{path}: a {type(module).__name__} layer (only Linear and Conv2d)")
         target = live.get_submodule(path)
+        owner, _, leaf = path.rpartition(".")
+        if leaf in FUSED_AWAY and getattr(live.get_submodule(owner), "fused_projections", False):
+            # Fused attention (engine.fuse_qkv) calls to_qkv and never these layers: the adapter would
+            # be listed as applied while part of it never runs.
+            raise AdapterRefused("the model runs fused attention projections (engine.fuse_qkv: true), which "
+                                 "bypass the layers it adapts; serve it with engine.fuse_qkv: false", path)
         if getattr(target, "weight", None) is not module.base_layer.weight:
             raise AdapterRefused(NOT_FITTING, f"{path}: not the live layer")  # a model PEFT restructured
         down, up = module.lora_A[key], module.lora_B[key]
