@@ -218,11 +218,12 @@ class Batching(Strict):
     """How a replica orders and batches images (docs/capacity.md; serve_app/replica/scheduler.py)."""
 
     policy: Literal["call", "fixed", "cost"] = Field(
-        "cost",
-        description="cost: the step engine runs the request with the least remaining work first, a request's "
+        "fixed",
+        description="fixed (the default: over HTTP on a CPU it measured better than cost, benchmarks/README.md): "
+        "the step engine joining every waiting image of the running batch's key up to max_batch_size. "
+        "cost: the step engine runs the request with the least remaining work first, a request's "
         "images together, and lets others share a denoiser call only while the replica's measured cost curve "
-        "says sharing pays, within the waiting bound. fixed: the step engine joining every waiting image of the "
-        "running batch's key up to max_batch_size (needed where images must share calls). call: one whole "
+        "says sharing pays, within the waiting bound. call: one whole "
         "pipeline call per batch (same size, steps and guidance), first come first served; no edits, no "
         "previews. `generic` pipelines always use call.",
     )

@@ -51,7 +51,7 @@ def _models_dir(work: Path) -> Path:
     for path in (ROOT / "models").glob("*.yaml"):
         (models / path.name).write_text(path.read_text())
     # tiny-sd is where tests watch images share denoiser calls (presets, sizes): on this CPU's
-    # linear curve the default `cost` policy rightly runs one request at a time, so pin `fixed`.
+    # linear curve the `cost` policy rightly runs one request at a time, so pin `fixed` (the default).
     tiny_sd = yaml.safe_load((ROOT / "models" / "tiny-sd.yaml").read_text())
     tiny_sd["batching"]["policy"] = "fixed"
     (models / "tiny-sd.yaml").write_text(yaml.safe_dump(tiny_sd))
@@ -86,6 +86,7 @@ def _models_dir(work: Path) -> Path:
         extra["deployment"] = {"ray_actor_options": {"num_cpus": 0.05}}
         if model_id == "tiny-sd3":  # streams its previews through a (random) tiny autoencoder: the catalog's decoder
             extra["previews"]["decoder"] = "tae"
+            extra["batching"]["policy"] = "cost"  # the cost policy over HTTP (test_scheduling.py)
         (models / f"{model_id}.yaml").write_text(yaml.safe_dump(extra))
     # `tiny-sd-kill`: only the replica-kill test (test_faults.py) uses it, so killing its
     # replica leaves every other test's model alone.

@@ -1,4 +1,4 @@
-"""The `cost` policy through the real app (tiny-sd3 runs the default policy): a long request is
+"""The `cost` policy through the real app (the shared test app pins tiny-sd3 to it): a long request is
 not starved by a stream of short ones that, alone, would keep the replica busy for ever."""
 
 from __future__ import annotations

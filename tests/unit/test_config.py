@@ -164,8 +164,8 @@ def test_benchmark_twin_differs_from_tiny_sd_only_in_batching():
     assert twin["batching"]["max_batch_size"] == 1
 
 
-def test_batching_policy_defaults_to_cost_and_the_deprecated_mode_maps_onto_it(tmp_path, tiny_sd):
-    assert load_model_config(_write(tmp_path, tiny_sd)).batching.policy == "cost"
+def test_batching_policy_defaults_to_fixed_and_the_deprecated_mode_maps_onto_it(tmp_path, tiny_sd):
+    assert load_model_config(_write(tmp_path, tiny_sd)).batching.policy == "fixed"
     tiny_sd["batching"]["mode"] = "step"  # what the step engine was before policies: today's fixed
     with pytest.warns(FutureWarning, match="write `policy: fixed`"):
         batching = load_model_config(_write(tmp_path, tiny_sd)).batching
