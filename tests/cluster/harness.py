@@ -249,13 +249,22 @@ class FakeCluster:
             raise RuntimeError(f"cluster processes left running: {[p.pid for p in left]}")
 
     # ---- faults ------------------------------------------------------------------------------
+    def find(self, name: str, arg: str = "") -> list[psutil.Process]:
+        """This cluster's live processes called `name` (with `arg` in their command line); one
+        that exits while it is being looked at is not found (its workers come and go)."""
+        found = []
+        for proc in self.processes():
+            with contextlib.suppress(psutil.Error):
+                if proc.name() == name and (not arg or arg in proc.cmdline()):
+                    found.append(proc)
+        return found
+
     def node_tree(self, node_id: str) -> list[psutil.Process]:
         """A node's raylet and every process under it: its agents, its workers, its replicas —
         what goes when the machine goes."""
-        for proc in self.processes():
+        for raylet in self.find("raylet", f"--node_id={node_id}"):
             with contextlib.suppress(psutil.Error):
-                if proc.name() == "raylet" and f"--node_id={node_id}" in proc.cmdline():
-                    return [proc, *proc.children(recursive=True)]
+                return [raylet, *raylet.children(recursive=True)]
         raise AssertionError(f"no raylet for node {node_id}")
 
     def kill_node(self, node_id: str) -> list[str]:
@@ -270,7 +279,7 @@ class FakeCluster:
 
     def kill_gcs(self) -> tuple[list[str], dict[str, str], str]:
         """SIGKILL the head's GCS server; what it takes to start it again as it was."""
-        [gcs] = [p for p in self.processes() if p.name() == "gcs_server"]
+        [gcs] = self.find("gcs_server")
         saved = gcs.cmdline(), gcs.environ(), gcs.cwd()
         gcs.kill()
         gcs.wait(10)

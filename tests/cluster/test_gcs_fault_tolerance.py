@@ -74,8 +74,7 @@ def test_control_a_gcs_restart_without_its_stored_state_loses_the_cluster(app):
     app.cluster.start_gcs(saved)
     up_at = time.monotonic()
     # What is lost: the head's raylet (and with it the proxy the clients use) and the Serve app.
-    wait_for("the head's raylet exited", lambda: not [
-        p for p in app.cluster.processes() if p.name() == "raylet" and f"--node_id={HEAD_NODE}" in p.cmdline()], 120)
+    wait_for("the head's raylet exited", lambda: not app.cluster.find("raylet", f"--node_id={HEAD_NODE}"), 120)
     lost_after_s = time.monotonic() - up_at
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{app.base_url}/v1/models", timeout=10).raise_for_status()
