@@ -241,8 +241,8 @@ def variants(models: list[str]) -> list[dict]:
     return out
 
 
-async def measure(base: str, models: list[str], duration_s: float, quick: bool) -> dict:
-    bench, results = Bench(base), {}
+async def measure(base: str, models: list[str], duration_s: float, quick: bool, ray_tmp: Path) -> dict:
+    bench, results = Bench(base), {"replica_costs": {}}
     for model in models:
         call = f"{model}-call"
         capacity_mixed = await bench.closed(call, mixed(24))
@@ -261,6 +261,8 @@ async def measure(base: str, models: list[str], duration_s: float, quick: bool) 
                 runs[name][arm] = await bench.poisson(model + suffix, schedule)
             print(model, name, json.dumps({k: v for k, v in runs[name].items() if k != "arrivals"}), flush=True)
         results[model] = runs
+        # Right after its runs: Ray exports a gauge only while its replica keeps setting it.
+        results["replica_costs"].update(await asyncio.to_thread(replica_costs.scrape, ray_tmp, [f"{model}-fixed"], 30))
     if quick:
         return results
     results["abandon"] = {arm: await bench.abandon(arm) for arm in ("tiny-sd", "tiny-sd-call")}
@@ -394,10 +396,8 @@ def main() -> None:
         work = Path(tmp)
         process, base = serving.start(work, ray_tmp, variants(args.models))
         try:
-            results = asyncio.run(measure(base, args.models, args.duration_s, args.quick))
-            costs = replica_costs.scrape(ray_tmp, wanted=[f"{m}-fixed" for m in args.models])
-            results["replica_costs"] = costs
-            results["simulated"] = simulated(results, args.models, costs)
+            results = asyncio.run(measure(base, args.models, args.duration_s, args.quick, ray_tmp))
+            results["simulated"] = simulated(results, args.models, results["replica_costs"])
         finally:
             os.killpg(process.pid, signal.SIGINT)
             process.wait(timeout=60)

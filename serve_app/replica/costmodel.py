@@ -5,7 +5,8 @@ Per batch key (size, CFG on/off) and batch size, a moving average of the seconds
 denoiser call took; per key, the seconds per image of `prepare` (text encoding, first
 latents) and of `finish` (VAE decode). An estimate for a batch size not measured yet is
 linear from the nearest measured size (the pessimistic guess: batching saves nothing until
-it is seen to), and interpolated between measured sizes. A key never measured borrows the
+it is seen to), and interpolated between measured sizes; no size is estimated dearer than a
+bigger one measured (`monotone`). A key never measured borrows the
 per-image cost of the keys that were.
 
 The first sample of every (key, size) is dropped: the first call at a new shape pays for
@@ -102,7 +103,7 @@ class CostModel:
         estimate = costs.estimates.get(size)
         if estimate is None:
             if costs.curve is None:
-                costs.curve = sorted((s, a.value) for s, a in costs.steps.items() if a.samples)
+                costs.curve = monotone(sorted((s, a.value) for s, a in costs.steps.items() if a.samples))
             estimate = interpolate(costs.curve, size) if costs.curve else size * self._borrowed_per_image()
             costs.estimates[size] = estimate
         return estimate
@@ -161,6 +162,18 @@ class CostModel:
     def _borrowed_per_image(self) -> float:
         per_image = [a.value / s for c in self._keys.values() for s, a in c.steps.items() if a.samples]
         return sum(per_image) / len(per_image) if per_image else DEFAULT_STEP_S
+
+
+def monotone(curve: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """No batch costs more than a bigger one measured: a call over more images is more work, so
+    a size that measured dearer than a bigger one was measured in a bad moment (warm-up that
+    outlasted the dropped sample, a neighbour); and a size that looks ruinous is one the policy
+    would never run again to correct it. Each size is capped at the cheapest bigger one."""
+    out, cheapest = [], math.inf
+    for size, seconds in reversed(curve):
+        cheapest = min(cheapest, seconds)
+        out.append((size, cheapest))
+    return out[::-1]
 
 
 def interpolate(curve: list[tuple[int, float]], size: int) -> float:

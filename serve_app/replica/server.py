@@ -23,6 +23,7 @@ from typing import Any
 from ray import serve
 
 from serve_app.config import AppConfig, ModelConfig
+from serve_app.engine.threads import run_on_own_thread
 from serve_app.errors import ArtServeError, GenerationError, InvalidRequestError, ServiceUnavailableError
 from serve_app.job import GenerationJob, GenerationResult, ImageResult, PartialImage
 from serve_app.metrics import ModelMetrics
@@ -66,8 +67,8 @@ class ModelServer:
         self.metrics = ModelMetrics(model.id)
         self.store: ImageStore = open_store(app)  # first: a storage mistake fails in seconds, not after the weights
         started = time.monotonic()
-        self.engine = DiffusersEngine(model)
-        self.runner = make_runner(self.engine)
+        # On a thread that ends here: the step loop's is to be the only live one that ran torch (threads.py).
+        self.engine, self.runner = run_on_own_thread(_build, DiffusersEngine, make_runner, model, name="model-load")
         batching = model.batching
         policy = "call" if getattr(self.runner, "whole_call", False) else batching.policy
         logger.info("model %s loaded in %.1fs (policy %s, up to %d images per step)", model.id,
@@ -228,6 +229,11 @@ class ModelServer:
         except Exception:
             logger.exception("model %s: storing an image failed (%s)", self.model.id, job.request_id)
             raise ServiceUnavailableError("Image storage is unavailable; try again later.") from None
+
+
+def _build(engine_class: Any, make_runner: Any, model: ModelConfig) -> tuple[Any, Any]:
+    engine = engine_class(model)
+    return engine, make_runner(engine)
 
 
 def _deliverer(loop: asyncio.AbstractEventLoop, future: asyncio.Future):

@@ -3,8 +3,10 @@
 The event loop hands it `Work` (one image each) and cancels requests; the thread asks the
 pure scheduler what changes at each step boundary (giving it the time and the cost model),
 lets the runner prepare newcomers, runs one denoiser call over the batch the scheduler
-chose, and decodes whatever finished. It times prepare, step and finish into the replica's
-cost model (costmodel.py), which is how the scheduler learns what sharing a step saves here.
+chose, and decodes whatever finished. It times prepare, step (with the loop's own time
+between steps) and finish into the replica's cost model (costmodel.py), which is how the
+scheduler learns what sharing a step saves here. Its thread is the replica's one long-lived
+thread that runs torch (engine/threads.py says why).
 Results go back through each image's `deliver` callback (thread-safe, set by the caller).
 Nothing here touches the asyncio loop or does encoding/uploads: the loop only ever waits on
 the runner.
@@ -52,15 +54,22 @@ class LoopStats:
     gaps: int = 0
 
 
+# Ray exports a gauge only while it keeps being set: an idle replica's cost model would vanish from
+# Prometheus (and the dashboard) about half a minute after its last step. Set again this often.
+REPUBLISH_S = 5.0
+
+
 class StepLoop:
     def __init__(self, runner: Any, scheduler: StepScheduler, metrics: Any, on_error: Callable[[Exception], Exception],
-                 costs: CostModel | None = None):
+                 costs: CostModel | None = None, republish_s: float = REPUBLISH_S):
         self.runner = runner
         self.scheduler = scheduler
         self.metrics = metrics
         self.on_error = on_error  # maps an engine exception to what the requests get
         self.costs = costs or CostModel()
         self.stats = LoopStats()
+        self._republish_s = republish_s
+        self._published = time.monotonic()
         self._work: dict[int, Work] = {}  # id(ticket) -> work
         self._lock = threading.Condition()
         self._stopped = False
@@ -115,7 +124,8 @@ class StepLoop:
             with self._lock:
                 while self.scheduler.idle() and not self._stopped:
                     last_step_ended = None
-                    self._lock.wait()
+                    self._lock.wait(self._republish_s)
+                    self._republish()
                 if self._stopped:
                     return
                 plan = self.scheduler.plan(time.monotonic(), self.costs)
@@ -134,6 +144,7 @@ class StepLoop:
                     self.stats.gaps += 1
                 finished = self._step(running, started)
                 last_step_ended = None if finished else time.monotonic()
+            self._republish()
 
     def _admit(self, admitted: list[Work]) -> None:
         if not admitted:
@@ -173,7 +184,9 @@ class StepLoop:
         self.stats.image_steps += len(running)
         self.stats.step_s += seconds
         self.metrics.step(len(running), seconds, whole_call=getattr(self.runner, "whole_call", False))
-        self._learn(running[0].ticket.costs_as, len(running), seconds)
+        # What a call costs the loop: the denoiser's seconds and the loop's own between calls
+        # (planning, bookkeeping), which every call pays whatever its size.
+        self._learn(running[0].ticket.costs_as, len(running), seconds + self.stats.gap_s / max(1, self.stats.gaps))
         for work in running:
             work.largest_batch = max(work.largest_batch, len(running))
         failed = [w for w in running if not self._preview(w)]
@@ -200,6 +213,16 @@ class StepLoop:
         measured = self.costs.measured_s(key, size)
         if measured is not None:  # not the warm-up sample
             self.metrics.step_cost(describe_key(key), size, measured)
+
+    def _republish(self) -> None:
+        """Every estimate of the cost model as a gauge again, every `republish_s` (see REPUBLISH_S)."""
+        if time.monotonic() - self._published < self._republish_s:
+            return
+        self._published = time.monotonic()
+        for entry in self.costs.snapshot():
+            for size, seconds in entry["step_s"].items():
+                self.metrics.step_cost(entry["key"], size, seconds)
+            self.metrics.image_costs(entry["key"], entry["prepare_s"], entry["finish_s"])
 
     def _preview(self, work: Work) -> bool:
         """Previews due after this step (a position may repeat when steps are few)."""

@@ -34,6 +34,16 @@ def test_unmeasured_sizes_are_linear_from_the_nearest_measured_one_and_interpola
     assert costs.step_s(KEY, 8) == pytest.approx(4.0)  # linear beyond the largest
 
 
+def test_no_size_is_estimated_dearer_than_a_bigger_one_measured():
+    # Size 2 caught in a bad moment (measured on the step loop: 37 ms where 4 images took 15):
+    # left as measured, the policy would never run 2 again, nor grow past it.
+    costs = measured((1, 0), (1, 0.004), (2, 0), (2, 0.037), (3, 0), (3, 0.027), (4, 0), (4, 0.015))
+    assert [costs.step_s(KEY, n) for n in (1, 2, 3, 4)] == pytest.approx([0.004, 0.015, 0.015, 0.015])
+    assert costs.measured_s(KEY, 2) == pytest.approx(0.037)  # what was measured stays visible
+    costs.observe_step(KEY, 2, 0.008)  # measured again, better: the estimate follows
+    assert costs.step_s(KEY, 2) == pytest.approx(min(0.015, 0.037 + costmodel.ALPHA * (0.008 - 0.037)))
+
+
 def test_a_key_never_measured_borrows_the_per_image_cost_of_the_measured_ones():
     costs = measured((2, 0), (2, 3.0))
     assert costs.step_s(("other",), 3) == pytest.approx(4.5)

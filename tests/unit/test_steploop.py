@@ -203,15 +203,16 @@ def test_cost_policy_pauses_a_long_image_for_a_short_one_and_resumes_it_unchange
     assert second[2].tobytes() == expected.tobytes()  # and resumed exactly where it stopped
 
 
+class Costs(Recorder):
+    def __init__(self):
+        super().__init__()
+        self.gauges = []
+
+    def step_cost(self, key, batch_size, seconds):
+        self.gauges.append((key, batch_size, seconds))
+
+
 def test_the_loop_teaches_the_cost_model_what_a_step_costs(runner):
-    class Costs(Recorder):
-        def __init__(self):
-            super().__init__()
-            self.gauges = []
-
-        def step_cost(self, key, batch_size, seconds):
-            self.gauges.append((key, batch_size, seconds))
-
     metrics = Costs()
     loop = StepLoop(runner, StepScheduler(4), metrics, lambda exc: GenerationError(str(exc)))
     results: queue.Queue = queue.Queue()
@@ -225,3 +226,20 @@ def test_the_loop_teaches_the_cost_model_what_a_step_costs(runner):
     assert all(seconds > 0 for seconds in row["step_s"].values()) and row["prepare_s"] > 0 and row["finish_s"] > 0
     # exported for each size run more than once (the first call at a size is warm-up)
     assert {size for _, size, _ in metrics.gauges} == {b for b in metrics.steps if metrics.steps.count(b) > 1}
+
+
+def test_an_idle_loop_sets_its_cost_gauges_again(runner):
+    """Ray drops a gauge that is not set again: an idle replica keeps showing what it measured."""
+    metrics = Costs()
+    loop = StepLoop(runner, StepScheduler(4), metrics, lambda exc: GenerationError(str(exc)), republish_s=0.1)
+    results: queue.Queue = queue.Queue()
+    submit(loop, runner, "r", [spec(4)], results)
+    results.get(timeout=60)
+    time.sleep(0.3)  # idle from here on
+    metrics.gauges.clear()
+    time.sleep(0.5)
+    loop.stop()
+    [row] = loop.costs.snapshot()
+    assert {(key, size, seconds) for key, size, seconds in metrics.gauges} == \
+        {(row["key"], size, seconds) for size, seconds in row["step_s"].items()}
+    assert len(metrics.gauges) >= 2 * len(row["step_s"])  # again and again, not once

@@ -1,6 +1,6 @@
 """An adapter's file on this node: a local path as it is, `gs://` objects copied into the cache
 once (write, then rename: never half a file), Hub files through huggingface_hub's own cache at
-the pinned revision. Runs on the loader thread."""
+the pinned revision. Runs on a loader thread."""
 
 from __future__ import annotations
 

@@ -96,7 +96,7 @@ def shadow_of(module: nn.Module) -> nn.Module:
 
 
 class AdapterReader:
-    """Builds `Adapter`s for one pipeline. Not thread-safe: one loader thread calls it."""
+    """Builds `Adapter`s for one pipeline. Not thread-safe: the manager runs one load at a time."""
 
     def __init__(self, pipeline: Any):
         self.pipe = pipeline

@@ -2,7 +2,8 @@
 requests.
 
 - `acquire` (the replica's event loop) resolves a request's adapters by name, loads any that is
-  not in memory on the loader thread, and returns a `Lease`: the (key, scale) pairs its images
+  not in memory on a loader thread (one load at a time, each on a thread that ends with it:
+  engine/threads.py), and returns a `Lease`: the (key, scale) pairs its images
   carry, and what the response reports. A request is submitted to the step loop only once its
   lease is granted, so the loop never waits for a load; the running batch goes on meanwhile.
 - At most `max_loaded_loras` adapters stay loaded, least recently used out; one that a request
@@ -20,7 +21,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ from serve_app.config import ModelConfig
 from serve_app.engine.loras.fetch import AdapterUnavailable, local_file
 from serve_app.engine.loras.loading import Adapter, AdapterReader, AdapterRefused, sha256_of
 from serve_app.engine.loras.rows import LoraRows, RowLoras
+from serve_app.engine.threads import on_own_thread
 from serve_app.errors import ArtServeError, InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
 from serve_app.job import AppliedLora, LoraChoice
 from serve_app.lora_catalog import CatalogEntry, LoraCatalog
@@ -74,7 +75,7 @@ class LoraManager:
         self._loading: dict[Fingerprint, asyncio.Future] = {}
         self._names: list[str] = []
         self._lock = threading.Lock()  # the loop thread resolves while the event loop leases
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="lora-load")
+        self._loading_lock = threading.Lock()  # one load at a time, each on a thread of its own (threads.py)
 
     def loaded(self) -> list[str]:
         """The names of the adapters in memory."""
@@ -109,7 +110,7 @@ class LoraManager:
                 raise self._refusal(choice, self._refused[fingerprint])
             future = self._loading.get(fingerprint)
             if future is None:
-                future = asyncio.get_running_loop().run_in_executor(self._loader, self._load, entry, fingerprint)
+                future = on_own_thread(self._load, entry, fingerprint, name="lora-load")
                 self._loading[fingerprint] = future
                 future.add_done_callback(lambda _: self._loading.pop(fingerprint, None))
             try:
@@ -128,7 +129,11 @@ class LoraManager:
                 return held
 
     def _load(self, entry: CatalogEntry, fingerprint: Fingerprint) -> str:
-        """On the loader thread: fetch, hash, build; then make it the name's current adapter."""
+        """On a loader thread: fetch, hash, build; then make it the name's current adapter."""
+        with self._loading_lock:
+            return self._load_one(entry, fingerprint)
+
+    def _load_one(self, entry: CatalogEntry, fingerprint: Fingerprint) -> str:
         started = time.monotonic()
         path = local_file(entry.source)
         try:
