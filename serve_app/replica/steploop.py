@@ -139,10 +139,14 @@ class StepLoop:
                 if not running:
                     continue
                 started = time.monotonic()
-                if last_step_ended is not None and not (admitted or evicted):
+                # A step right after a plain step: the steady state. After an admission or a decode
+                # the caches hold the text encoders' or the VAE's weights, not the denoiser's (the
+                # step costs up to 2-3x on a CPU): what it costs extra belongs to them, not to the size.
+                steady = last_step_ended is not None and not (admitted or evicted)
+                if steady:
                     self.stats.gap_s += started - last_step_ended
                     self.stats.gaps += 1
-                finished = self._step(running, started)
+                finished = self._step(running, started, steady)
                 last_step_ended = None if finished else time.monotonic()
             self._republish()
 
@@ -169,7 +173,7 @@ class StepLoop:
                 # Over the steps it runs: an edit runs only the last part of its schedule.
                 work.preview_at = preview_steps(len(state.timesteps), work.previews)
 
-    def _step(self, running: list[Work], started: float) -> bool:
+    def _step(self, running: list[Work], started: float, steady: bool = True) -> bool:
         """One denoiser call over the running batch; decode and deliver what finished.
         True when anything left the batch."""
         try:
@@ -183,10 +187,13 @@ class StepLoop:
         self.stats.steps += 1
         self.stats.image_steps += len(running)
         self.stats.step_s += seconds
-        self.metrics.step(len(running), seconds, whole_call=getattr(self.runner, "whole_call", False))
+        whole_call = getattr(self.runner, "whole_call", False)
+        self.metrics.step(len(running), seconds, whole_call=whole_call)
         # What a call costs the loop: the denoiser's seconds and the loop's own between calls
-        # (planning, bookkeeping), which every call pays whatever its size.
-        self._learn(running[0].ticket.costs_as, len(running), seconds + self.stats.gap_s / max(1, self.stats.gaps))
+        # (planning, bookkeeping), which every call pays whatever its size. Whole calls are never
+        # steady (each follows its admission) and are learned as they come.
+        if steady or whole_call:
+            self._learn(running[0].ticket.costs_as, len(running), seconds + self.stats.gap_s / max(1, self.stats.gaps))
         for work in running:
             work.largest_batch = max(work.largest_batch, len(running))
         failed = [w for w in running if not self._preview(w)]
