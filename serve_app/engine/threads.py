@@ -4,8 +4,9 @@ Torch's CPU kernels run on OpenMP, and OpenMP (libgomp) keeps a pool of worker t
 every thread that has used it, for as long as that thread lives. Once those pools hold more
 threads than the machine has cores, libgomp stops spinning between parallel regions, and
 every kernel pays to wake its workers. Measured on the 2-core development VM (tiny-flux,
-256², one image): 6.8 ms a step when the step loop's thread is the only one that has run torch,
-20 ms once the replica's own thread had built the pipeline (benchmarks/README.md). So the step
+256², one image, benchmarks/torch_threads.py): 7.8 ms a step when the stepping thread is the only
+live one that has run torch, 13.9 ms with a second one alive, as when the replica's own thread
+built the pipeline. So the step
 loop's thread is the replica's one long-lived torch thread, and the torch work that must run
 before it starts (building the pipeline) or beside it (loading a LoRA adapter) runs here, on a
 thread of its own that ends, pool and all, when the work does.

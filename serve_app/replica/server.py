@@ -67,8 +67,13 @@ class ModelServer:
         self.metrics = ModelMetrics(model.id)
         self.store: ImageStore = open_store(app)  # first: a storage mistake fails in seconds, not after the weights
         started = time.monotonic()
+
+        def build() -> tuple[Any, Any]:
+            engine = DiffusersEngine(model)
+            return engine, make_runner(engine)
+
         # On a thread that ends here: the step loop's is to be the only live one that ran torch (threads.py).
-        self.engine, self.runner = run_on_own_thread(_build, DiffusersEngine, make_runner, model, name="model-load")
+        self.engine, self.runner = run_on_own_thread(build, name="model-load")
         batching = model.batching
         policy = "call" if getattr(self.runner, "whole_call", False) else batching.policy
         logger.info("model %s loaded in %.1fs (policy %s, up to %d images per step)", model.id,
@@ -229,11 +234,6 @@ class ModelServer:
         except Exception:
             logger.exception("model %s: storing an image failed (%s)", self.model.id, job.request_id)
             raise ServiceUnavailableError("Image storage is unavailable; try again later.") from None
-
-
-def _build(engine_class: Any, make_runner: Any, model: ModelConfig) -> tuple[Any, Any]:
-    engine = engine_class(model)
-    return engine, make_runner(engine)
 
 
 def _deliverer(loop: asyncio.AbstractEventLoop, future: asyncio.Future):

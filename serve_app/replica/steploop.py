@@ -3,8 +3,8 @@
 The event loop hands it `Work` (one image each) and cancels requests; the thread asks the
 pure scheduler what changes at each step boundary (giving it the time and the cost model),
 lets the runner prepare newcomers, runs one denoiser call over the batch the scheduler
-chose, and decodes whatever finished. It times prepare, step (with the loop's own time
-between steps) and finish into the replica's cost model (costmodel.py), which is how the
+chose, and decodes whatever finished. It times prepare, steady steps (with the loop's own
+time between steps) and finish into the replica's cost model (costmodel.py), which is how the
 scheduler learns what sharing a step saves here. Its thread is the replica's one long-lived
 thread that runs torch (engine/threads.py says why).
 Results go back through each image's `deliver` callback (thread-safe, set by the caller).
@@ -140,8 +140,9 @@ class StepLoop:
                     continue
                 started = time.monotonic()
                 # A step right after a plain step: the steady state. After an admission or a decode
-                # the caches hold the text encoders' or the VAE's weights, not the denoiser's (the
-                # step costs up to 2-3x on a CPU): what it costs extra belongs to them, not to the size.
+                # the caches hold the text encoders' or the VAE's weights, not the denoiser's (on a
+                # CPU those steps made the batch-1 estimate 1.4-2x the steady one): what they cost
+                # extra belongs to the prepare or the decode, not to the batch size.
                 steady = last_step_ended is not None and not (admitted or evicted)
                 if steady:
                     self.stats.gap_s += started - last_step_ended
