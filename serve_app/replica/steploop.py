@@ -70,6 +70,8 @@ class StepLoop:
         self.stats = LoopStats()
         self._republish_s = republish_s
         self._published = time.monotonic()
+        # The last prepare or decode, observed once the next step shows what it left that step to pay.
+        self._pending: tuple[str, Any, int, float] | None = None
         self._work: dict[int, Work] = {}  # id(ticket) -> work
         self._lock = threading.Condition()
         self._stopped = False
@@ -124,6 +126,7 @@ class StepLoop:
             with self._lock:
                 while self.scheduler.idle() and not self._stopped:
                     last_step_ended = None
+                    self._settle()  # no step follows: nothing was left to pay
                     self._lock.wait(self._republish_s)
                     self._republish()
                 if self._stopped:
@@ -142,7 +145,7 @@ class StepLoop:
                 # A step right after a plain step: the steady state. After an admission or a decode
                 # the caches hold the text encoders' or the VAE's weights, not the denoiser's (on a
                 # CPU those steps made the batch-1 estimate 1.4-2x the steady one): what they cost
-                # extra belongs to the prepare or the decode, not to the batch size.
+                # extra is charged to that prepare or decode (`_settle`), not to the batch size.
                 steady = last_step_ended is not None and not (admitted or evicted)
                 if steady:
                     self.stats.gap_s += started - last_step_ended
@@ -162,9 +165,8 @@ class StepLoop:
         except Exception as exc:
             self._fail(admitted, exc)
             return
-        key = admitted[0].ticket.costs_as
-        self.costs.observe_prepare(key, len(admitted), time.monotonic() - now)
-        self.metrics.image_costs(describe_key(key), self.costs.prepare_s(key), self.costs.finish_s(key))
+        self._settle()
+        self._pending = ("prepare", admitted[0].ticket.costs_as, len(admitted), time.monotonic() - now)
         with self._lock:  # what the runner will really run (an edit runs the last part of its schedule)
             for work, state in zip(admitted, states, strict=True):
                 work.ticket.steps = state.remaining
@@ -193,8 +195,13 @@ class StepLoop:
         # What a call costs the loop: the denoiser's seconds and the loop's own between calls
         # (planning, bookkeeping), which every call pays whatever its size. Whole calls are never
         # steady (each follows its admission) and are learned as they come.
+        key, call_s = running[0].ticket.costs_as, seconds + self.stats.gap_s / max(1, self.stats.gaps)
         if steady or whole_call:
-            self._learn(running[0].ticket.costs_as, len(running), seconds + self.stats.gap_s / max(1, self.stats.gaps))
+            self._learn(key, len(running), call_s)
+            self._settle()
+        else:
+            after_own = self._pending is not None and self._pending[1] == key
+            self._settle(max(0.0, call_s - self.costs.step_s(key, len(running))) if after_own else 0.0)
         for work in running:
             work.largest_batch = max(work.largest_batch, len(running))
         failed = [w for w in running if not self._preview(w)]
@@ -207,14 +214,23 @@ class StepLoop:
         except Exception as exc:
             self._fail(finished, exc)
             return True
-        key = finished[0].ticket.costs_as
-        self.costs.observe_finish(key, len(finished), time.monotonic() - decoding)
-        self.metrics.image_costs(describe_key(key), self.costs.prepare_s(key), self.costs.finish_s(key))
+        self._settle()
+        self._pending = ("finish", finished[0].ticket.costs_as, len(finished), time.monotonic() - decoding)
         self._retire(finished)
         self.metrics.images(len(finished))
         for work, image in zip(finished, images, strict=True):
             work.deliver(image, work.largest_batch)
         return True
+
+    def _settle(self, extra_s: float = 0.0) -> None:
+        """Observe the pending prepare or decode, with what it left the next step to pay."""
+        if self._pending is None:
+            return
+        kind, key, images, seconds = self._pending
+        self._pending = None
+        observe = self.costs.observe_prepare if kind == "prepare" else self.costs.observe_finish
+        observe(key, images, seconds + extra_s)
+        self.metrics.image_costs(describe_key(key), self.costs.prepare_s(key), self.costs.finish_s(key))
 
     def _learn(self, key: Any, size: int, seconds: float) -> None:
         self.costs.observe_step(key, size, seconds)
@@ -227,6 +243,8 @@ class StepLoop:
         if time.monotonic() - self._published < self._republish_s:
             return
         self._published = time.monotonic()
+        # The last prepare or decode, observed once the next step shows what it left that step to pay.
+        self._pending: tuple[str, Any, int, float] | None = None
         for entry in self.costs.snapshot():
             for size, seconds in entry["step_s"].items():
                 self.metrics.step_cost(entry["key"], size, seconds)

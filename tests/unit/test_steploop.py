@@ -231,7 +231,8 @@ def test_the_loop_teaches_the_cost_model_what_a_step_costs(runner):
 
 def test_a_step_right_after_an_admission_is_not_what_its_size_costs(runner):
     """After a prepare the caches hold the text encoders, not the denoiser: that step's extra
-    time is not the batch size's (a policy would stop running a size it only saw cold)."""
+    time is the prepare's, not the batch size's (a policy would stop running a size it only saw
+    cold), and still counted (deadlines judged on costs without it would come too late)."""
 
     class ColdAfterPrepare:
         whole_call = False
@@ -261,6 +262,7 @@ def test_a_step_right_after_an_admission_is_not_what_its_size_costs(runner):
     loop.stop()
     [row] = loop.costs.snapshot()
     assert row["step_s"][1] < 0.05  # a warm 128² tiny-flux step: milliseconds (cold ones would make it > 0.1)
+    assert row["prepare_s"] > 0.5  # the cold step's extra second is the prepare's (the first sample dropped)
 
 
 def test_an_idle_loop_sets_its_cost_gauges_again(runner):
