@@ -176,7 +176,7 @@ class StepLoop:
                 # Over the steps it runs: an edit runs only the last part of its schedule.
                 work.preview_at = preview_steps(len(state.timesteps), work.previews)
 
-    def _step(self, running: list[Work], started: float, steady: bool = True) -> bool:
+    def _step(self, running: list[Work], started: float, steady: bool) -> bool:
         """One denoiser call over the running batch; decode and deliver what finished.
         True when anything left the batch."""
         try:
