@@ -19,7 +19,10 @@ So, at every step boundary:
    requests lose what the newcomers add to each step, the newcomers and everyone behind
    them (waiting now, or arriving before the work drains) gain what sharing saves. On a
    linear curve (this CPU) that is one request at a time; on a sublinear one (a GPU with
-   small work) the batch follows the curve, up to the cap.
+   small work) the batch follows the curve, up to the cap. A newcomer whose prepare and decode
+   (the loop runs them between steps) would make an urgent request in the batch miss a
+   deadline it can still make is passed over: a stream of short requests, each prepared and
+   decoded while it shares the urgent one's steps, cannot push it past its bound.
 """
 
 from __future__ import annotations
@@ -94,8 +97,10 @@ class CostPolicy:
         order = sorted(groups.values(), key=lambda g: (not g.urgent, g.deadline_s if g.urgent else g.remaining_s,
                                                        g.tickets[0].order))
         coming = self._arriving(order)
-        head = order[0]
+        head, prepared = order[0], {id(t) for t in running}
         batch, requests = head.tickets[: self.cap], 1
+        # The urgent requests in the batch, with how much longer than their own work they may take.
+        spare = [(head, self._spare_s(head, len(batch), now, costs, prepared))] if head.urgent else []
         for position, group in enumerate(order[1:], start=2):
             if len(batch) == self.cap:
                 break
@@ -104,10 +109,40 @@ class CostPolicy:
             if not sharing_pays(costs, group.costs_as, len(batch), len(group.tickets), requests,
                                 behind=len(order) - position + coming):
                 break
+            # The loop prepares a newcomer before the next step and decodes it between later ones
+            # (if it finishes first): an urgent request waits for both. None may miss a deadline it
+            # can still make for it.
+            delays = [self._delay_s(group, urgent, costs, prepared) for urgent, _ in spare]
+            if any(0 <= left < delay for (_, left), delay in zip(spare, delays, strict=True)):
+                continue
+            spare = [(urgent, left - delay) for (urgent, left), delay in zip(spare, delays, strict=True)]
             batch = batch + group.tickets
             requests += 1
+            if group.urgent:
+                spare.append((group, self._spare_s(group, len(batch), now, costs, prepared)))
         self._last_size = len(batch)
         return batch
+
+    @staticmethod
+    def _delay_s(joiner: Group, urgent: Group, costs: Costs, prepared: set[int]) -> float:
+        """The loop's work for `joiner`'s images that `urgent` waits for: preparing them (unless
+        prepared), and decoding them if they finish before it (images that finish with it are
+        decoded in the same call as its own, batched: not counted)."""
+        images, key = len(joiner.tickets), joiner.costs_as
+        delay_s = 0.0 if id(joiner.tickets[0]) in prepared else images * costs.prepare_s(key)
+        if joiner.steps_left < urgent.steps_left:
+            delay_s += images * costs.finish_s(key)
+        return delay_s
+
+    @staticmethod
+    def _spare_s(group: Group, size: int, now: float, costs: Costs, prepared: set[int]) -> float:
+        """How much later than its own work (steps in batches of `size`, prepare unless prepared,
+        decode) the group may finish and still meet its deadline."""
+        images, key = len(group.tickets), group.costs_as
+        own_s = group.steps_left * costs.step_s(key, size) + images * costs.finish_s(key)
+        if id(group.tickets[0]) not in prepared:
+            own_s += images * costs.prepare_s(key)
+        return group.deadline_s - now - own_s
 
     def _assess(self, group: Group, costs: Costs, known: dict) -> None:
         """Seconds of a request's images run together (in calls of at most `cap`)."""

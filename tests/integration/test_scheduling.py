@@ -36,6 +36,7 @@ def test_a_long_request_is_not_starved_by_a_stream_of_short_ones(server):
                     lows.append((time.monotonic(), post(own, "low")))
 
         with ThreadPoolExecutor(8) as pool:
+            began = time.monotonic()
             streams = [pool.submit(stream) for _ in range(8)]  # more than the replica serves: a queue
             time.sleep(2 * low_alone_s + 0.5)
             started = time.monotonic()
@@ -45,15 +46,20 @@ def test_a_long_request_is_not_starved_by_a_stream_of_short_ones(server):
             stop.set()
             for s in streams:
                 s.result()
+            ended = time.monotonic()
     after = sum(1 for at, _ in lows if at > started + hd_s)
+    # This shared machine under the test's own load (8 client threads, the proxy, the ingress on 2
+    # cores) does less work per second than alone: the work done, in seconds alone, against the
+    # wall time it took, is how much slower everything ran (batching's gain can only lower it).
+    slowdown = max(1.0, (ended - began) / (len(lows) * low_alone_s + hd_alone_s))
     print(f"hd alone {hd_alone_s:.2f}s, low alone {low_alone_s:.2f}s; hd under a stream of lows {hd_s:.2f}s "
-          f"({served_during} lows answered meanwhile, {after} after it)")
+          f"({served_during} lows answered meanwhile, {after} after it; {slowdown:.2f}x slower under load)")
     # Shortest-first alone would serve the lows for as long as they come: the stream outlasted
     # the hd request, and still the hd request finished within its bound: what first come
     # first served would give it (at most 8 queued lows, then itself) plus one service time
-    # (max_wait_factor 1), with room for this shared machine's noise.
+    # (max_wait_factor 1), at the pace the machine ran, with room for noise.
     assert after > 0, "the stream stopped before the hd request finished: nothing was tested"
-    assert hd_s < 8 * low_alone_s + 2 * hd_alone_s + 2.0
+    assert hd_s < slowdown * (8 * low_alone_s + 2 * hd_alone_s) + 1.0
 
 
 def test_responses_say_where_the_time_went(server):
