@@ -243,8 +243,6 @@ class StepLoop:
         if time.monotonic() - self._published < self._republish_s:
             return
         self._published = time.monotonic()
-        # The last prepare or decode, observed once the next step shows what it left that step to pay.
-        self._pending: tuple[str, Any, int, float] | None = None
         for entry in self.costs.snapshot():
             for size, seconds in entry["step_s"].items():
                 self.metrics.step_cost(entry["key"], size, seconds)

@@ -280,3 +280,17 @@ def test_an_idle_loop_sets_its_cost_gauges_again(runner):
     assert {(key, size, seconds) for key, size, seconds in metrics.gauges} == \
         {(row["key"], size, seconds) for size, seconds in row["step_s"].items()}
     assert len(metrics.gauges) >= 2 * len(row["step_s"])  # again and again, not once
+
+
+def test_setting_the_gauges_again_loses_no_pending_decode(runner):
+    """A decode is observed at the next step (with what it left that step to pay): setting the
+    gauges again in between (here after every step) must not drop it. (It did: `finish_s`
+    stayed 0.)"""
+    loop = StepLoop(runner, StepScheduler(4), Costs(), lambda exc: GenerationError(str(exc)), republish_s=0.0)
+    results: queue.Queue = queue.Queue()
+    for i in range(3):
+        submit(loop, runner, f"r{i}", [spec(2, seed=i)], results)
+        results.get(timeout=60)
+    loop.stop()
+    [row] = loop.costs.snapshot()
+    assert row["finish_s"] > 0
