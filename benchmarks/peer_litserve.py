@@ -7,8 +7,9 @@ The peer is what a team would write with LitServe: one LitAPI holding the same d
 pipeline (serve_app's DiffusersEngine, the model's YAML: same weights, threads, presets),
 LitServe's dynamic batching (max_batch_size 4, batch_timeout 20 ms), a batch run as one
 `pipeline(...)` call per step count (a request-level batcher must run different step counts
-apart), PNG as base64 in JSON both sides. ArtServe: `serve run` with the model under its
-default policy (`cost`) and as `<id>-fixed`, `response_format: b64_json`, `output_format: png`.
+apart), PNG as base64 in JSON both sides. ArtServe: `serve run` with the model under the `cost`
+and `fixed` policies (`<id>-cost`, `<id>-fixed`), `response_format: b64_json`, `output_format: png`;
+`--env-arm KEY=VALUE,...` adds `fixed` on a second ArtServe whose Ray runs with those variables.
 Measured, alternating the servers request by request or run by run:
 - c=1: p50 latency of `standard` requests (and of a 1-step request: the serving path);
 - c=8: images/s and p99 of `standard` requests in a closed loop;
@@ -100,10 +101,12 @@ def start_litserve(model_id: str, work: Path) -> tuple[subprocess.Popen, str]:
     return process, f"http://127.0.0.1:{port}"
 
 
-def start_artserve(model_id: str, work: Path) -> tuple[subprocess.Popen, str, list[str]]:
-    ids = [model_id, f"{model_id}-fixed"]
-    models = [serving.variant(model_id, ids[0], policy="cost"), serving.variant(model_id, ids[1], policy="fixed")]
-    process, base = serving.start(work, Path(tempfile.mkdtemp(prefix="artserve-peer-")), models)
+def start_artserve(model_id: str, work: Path, policies: tuple[str, ...] = ("cost", "fixed"),
+                   env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, list[str]]:
+    ids = [f"{model_id}-{policy}" for policy in policies]
+    models = [serving.variant(model_id, new_id, policy=policy) for new_id, policy in zip(ids, policies, strict=True)]
+    work.mkdir(exist_ok=True)
+    process, base = serving.start(work, Path(tempfile.mkdtemp(prefix="artserve-peer-")), models, env=env)
     return process, base, ids
 
 
@@ -199,6 +202,9 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-sd3")
     parser.add_argument("--requests", type=int, default=40, help="per closed-loop run")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--env-arm", default="", metavar="KEY=VALUE,...",
+                        help="also run the fixed policy on a second ArtServe whose Ray gets these variables "
+                             "(e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1), interleaved with the rest")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -208,11 +214,16 @@ def main() -> None:
         try:
             lit, lit_base = start_litserve(args.model, work)
             processes.append(lit)
-            art, art_base, ids = start_artserve(args.model, work)
+            art, art_base, ids = start_artserve(args.model, work / "artserve")
             processes.append(art)
-            serving.wait_ready(lit_base, [args.model], timeout_s=900)
             targets = [Target("litserve", lit_base, args.model), Target("artserve (cost)", art_base, ids[0]),
                        Target("artserve (fixed)", art_base, ids[1])]
+            if args.env_arm:
+                env = dict(pair.split("=", 1) for pair in args.env_arm.split(","))
+                other, other_base, other_ids = start_artserve(args.model, work / "artserve-env", ("fixed",), env)
+                processes.append(other)
+                targets.append(Target(f"artserve (fixed, {args.env_arm})", other_base, other_ids[0]))
+            serving.wait_ready(lit_base, [args.model], timeout_s=900)
             results = asyncio.run(measure(targets, args.requests, args.rounds))
         finally:
             for process in processes:

@@ -34,7 +34,8 @@ def variant(model_id: str, new_id: str | None = None, **batching) -> dict:
     return config
 
 
-def start(work: Path, ray_tmp: Path, models: list[dict], timeout_s: float = 300) -> tuple[subprocess.Popen, str]:
+def start(work: Path, ray_tmp: Path, models: list[dict], timeout_s: float = 300,
+          env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     directory = work / "models"
     directory.mkdir()
     for config in models:
@@ -46,7 +47,7 @@ def start(work: Path, ray_tmp: Path, models: list[dict], timeout_s: float = 300)
                                "args": {"models": ids, "models_dir": str(directory), "storage": str(work / "images")}}]}
     (work / "serve.yaml").write_text(yaml.safe_dump(serve))
     log = open(work / "serve.log", "wb")  # noqa: SIM115 - lives as long as the server
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     process = subprocess.Popen([str(Path(sys.executable).with_name("serve")), "run", str(work / "serve.yaml")],
                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     base = f"http://127.0.0.1:{port}"
