@@ -17,3 +17,10 @@ RUN pip install --no-cache-dir ${TORCH_INDEX:+--extra-index-url ${TORCH_INDEX}} 
  && pip install --no-cache-dir "ray[serve]==2.60.0" -e ".[${EXTRAS}]"
 # Serve resolves models_dir and import paths from here.
 ENV PYTHONPATH=/home/ray/artserve
+# How ArtServe runs Ray Serve (serve_app/ray_env.py says why; a unit test keeps the two equal).
+ENV RAY_SERVE_USE_GRPC_BY_DEFAULT=1 \
+    RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH=2147483647 \
+    RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 \
+    RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 \
+    RAY_SERVE_FREEZE_GC_ON_STARTUP=1 \
+    RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE=0

@@ -5,7 +5,6 @@ signal.SIGINT)` (its own session, so a plain kill of the benchmark unwinds it to
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import httpx
 import yaml
+
+from serve_app.ray_env import with_ray_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +48,7 @@ def start(work: Path, ray_tmp: Path, models: list[dict], timeout_s: float = 300,
                                "args": {"models": ids, "models_dir": str(directory), "storage": str(work / "images")}}]}
     (work / "serve.yaml").write_text(yaml.safe_dump(serve))
     log = open(work / "serve.log", "wb")  # noqa: SIM115 - lives as long as the server
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+    env = {**with_ray_env(), "RAY_TMPDIR": str(ray_tmp), "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     process = subprocess.Popen([str(Path(sys.executable).with_name("serve")), "run", str(work / "serve.yaml")],
                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     base = f"http://127.0.0.1:{port}"

@@ -28,6 +28,8 @@ import httpx
 import psutil
 import yaml
 
+from serve_app.ray_env import with_ray_env
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 HEAD_TYPE = "ray.head.default"  # the fake provider names the head's type so, whatever cluster.yaml calls it
@@ -158,7 +160,7 @@ class FakeCluster:
         self.gcs_address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = {
-            **os.environ,
+            **with_ray_env(),
             **env,
             # Pinned for the head, every node the autoscaler starts (they inherit it) and drivers:
             # unset, Ray turns token auth on whenever ~/.ray has a token, and then nothing connects.

@@ -21,6 +21,7 @@ import openai
 import pytest
 import yaml
 
+from serve_app.ray_env import with_ray_env
 from tests.gcs import BUCKET, Emulator, service_account_key
 from tests.loras import save_adapters
 
@@ -186,7 +187,7 @@ def server(tmp_path_factory) -> Server:
     # Short (Ray's socket paths must stay under 108 bytes) and not shared with other Ray runs.
     ray_tmp = Path(tempfile.mkdtemp(prefix="artserve-ray-"))
     env = {
-        **os.environ,
+        **with_ray_env(),
         "ARTSERVE_API_KEYS": f"{API_KEY},second-key",
         "ARTSERVE_URL_SIGNING_KEY": SIGNING_KEY,
         "STORAGE_EMULATOR_HOST": emulator.host,

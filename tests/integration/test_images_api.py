@@ -222,3 +222,15 @@ def test_tampered_and_expired_links_are_403(client, server, monkeypatch):
     assert httpx.get(store.signed_url(key, server.base_url)).status_code == 200  # the key is the server's
     expired = store.signed_url(key, server.base_url, now_s=time.time() - 86401)
     assert httpx.get(expired).status_code == 403
+
+
+def test_a_response_larger_than_grpcs_default_message_bound(client):
+    """Replicas talk gRPC (serve_app/ray_env.py), whose default bound is 4 MiB a message: two
+    large PNGs as base64 are one response of several times that, from the model replica to the
+    ingress and on to the proxy."""
+    result = client.images.generate(model="tiny-sd", prompt="static on an old television", n=2, size="1792x1024",
+                                    response_format="b64_json", extra_body={"num_inference_steps": 1,
+                                                                           "output_format": "png"})
+    assert sum(len(d.b64_json) for d in result.data) > 4 * 2**20
+    for data in result.data:
+        assert Image.open(io.BytesIO(base64.b64decode(data.b64_json))).size == (1792, 1024)

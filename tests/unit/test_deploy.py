@@ -18,6 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from serve_app.ray_env import RAY_ENV, with_ray_env
 from serve_app.validate import validate_serve_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -253,3 +254,17 @@ def test_a_broken_cluster_yaml_fails(change):
     change(config)
     with pytest.raises(Exception, match=r"unexpected|head_node_typ|required"):
         check_cluster(config)
+
+
+def test_every_way_ray_starts_gets_the_serve_settings():
+    """serve_app/ray_env.py's variables reach Ray where the launcher, the tests and the benchmarks
+    do not start it: the image (so every RayService pod) and cluster.yaml's nodes. An operator's
+    own value wins."""
+    dockerfile = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    image_env = dict(word.split("=", 1) for line in dockerfile.splitlines() if line.startswith("ENV ")
+                     for word in line.split()[1:])
+    assert RAY_ENV.items() <= image_env.items()
+    setup = " ".join(cluster_config()["setup_commands"])
+    assert all(f"'export {name}={value}'" in setup for name, value in RAY_ENV.items())
+    assert with_ray_env({"RAY_SERVE_FREEZE_GC_ON_STARTUP": "0"})["RAY_SERVE_FREEZE_GC_ON_STARTUP"] == "0"
+    assert with_ray_env({})["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
