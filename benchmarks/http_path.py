@@ -130,8 +130,7 @@ def main() -> None:
             stop.set()
             loader.join(timeout=60)
     finally:
-        os.killpg(process.pid, signal.SIGINT)
-        process.wait(timeout=60)
+        serving.stop(process, ray_tmp)
     floor = in_process_ms()
     m = {name: statistics.median(v) for name, v in parts.items()}
     lines = [f"1-step tiny-sd, jpeg, b64_json, c=1, medians of {args.requests} (ms):", "",

@@ -1,7 +1,7 @@
 """What each policy's replica did under the same load: latency, batch sizes and the cost curve
 it measured, read from the replicas themselves (`ModelServer.stats()`).
 
-    /work/bin/ray-slot .venv/bin/python benchmarks/policy_probe.py [--model tiny-sd3] [--rate 2.8] \
+    .venv/bin/python benchmarks/policy_probe.py [--model tiny-sd3] [--rate 2.8] \
         [--duration-s 40] [--rounds 2]
 
 Starts one `serve run` with the model as `<id>-cost` and `<id>-fixed`, sends both the same
@@ -20,7 +20,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -94,8 +93,9 @@ def main() -> None:
                           f"ms between {1000 * loop['gap_s'] / max(1, loop['gaps']):.2f}",
                           json.dumps(after["costs"]), flush=True)
         finally:
-            os.killpg(process.pid, signal.SIGINT)
-            process.wait(timeout=60)
+            if "ray" in sys.modules:  # a connected driver keeps `serve run` from stopping
+                sys.modules["ray"].shutdown()
+            serving.stop(process, ray_tmp)
             shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

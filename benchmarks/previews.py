@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/previews.py tiny flops          # in process, ~2 min
     .venv/bin/python benchmarks/previews.py cpu                 # 1024² random weights on this CPU, ~20 min
     .venv/bin/python benchmarks/previews.py laptop              # sd-turbo's architecture, 512², ~10 min
-    /work/bin/ray-slot .venv/bin/python benchmarks/previews.py http [--rounds 15]   # serve run, ~10 min
+    .venv/bin/python benchmarks/previews.py http [--rounds 15]   # serve run, ~10 min
 
 Sections (any of them, in one run):
 - `tiny`: per tiny family at 256², in process, one torch thread: a denoising step, and a preview
@@ -42,7 +42,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks.serving, run as a script
-from benchmarks.serving import start, variant  # noqa: E402
+from benchmarks.serving import start, stop, variant  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TINY = ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux")
@@ -325,8 +325,7 @@ def http(rounds: int) -> dict:
         try:
             return asyncio.run(measure_http(base, rounds))
         finally:
-            os.killpg(process.pid, signal.SIGINT)
-            process.wait(timeout=60)
+            stop(process, ray_tmp)
             shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

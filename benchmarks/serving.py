@@ -1,10 +1,12 @@
 """One `serve run` of ArtServe for a benchmark: model YAMLs variants written to a temporary
 directory, its own port and Ray temp dir (whose metrics endpoints replica_costs.py reads),
-ready when every model has made an image. Stopped by the caller: `os.killpg(process.pid,
-signal.SIGINT)` (its own session, so a plain kill of the benchmark unwinds it too)."""
+ready when every model has made an image. Stopped by the caller with `stop` (its own session,
+so a plain kill of the benchmark unwinds it too)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -54,6 +56,22 @@ def start(work: Path, ray_tmp: Path, models: list[dict], timeout_s: float = 300,
     base = f"http://127.0.0.1:{port}"
     wait_ready(base, ids, timeout_s, work / "serve.log")
     return process, base
+
+
+def stop(process: subprocess.Popen, ray_tmp: Path | None = None, grace_s: float = 150) -> None:
+    """SIGINT, as an operator stops `serve run`. Replicas drain queued work for up to their
+    graceful_shutdown_timeout_s (120 s) first, so wait longer than that; then kill its group
+    and the Ray processes under this run's own temp dir (raylet, GCS and workers leave the
+    group), never any other Ray on the machine."""
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=grace_s)
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    if ray_tmp is not None:
+        subprocess.run(["pkill", "-KILL", "-f", str(ray_tmp)], check=False)
 
 
 def wait_ready(base: str, models: list[str], timeout_s: float = 300, log: Path | None = None) -> None:

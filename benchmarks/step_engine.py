@@ -399,8 +399,7 @@ def main() -> None:
             results = asyncio.run(measure(base, args.models, args.duration_s, args.quick, ray_tmp))
             results["simulated"] = simulated(results, args.models, results["replica_costs"])
         finally:
-            os.killpg(process.pid, signal.SIGINT)
-            process.wait(timeout=60)
+            serving.stop(process, ray_tmp)
             shutil.rmtree(ray_tmp, ignore_errors=True)
         if not args.quick:
             results["in_process"] = in_process(ROOT / "models")
