@@ -61,8 +61,8 @@ def start(work: Path, ray_tmp: Path, models: list[dict], timeout_s: float = 300,
 def stop(process: subprocess.Popen, ray_tmp: Path | None = None, grace_s: float = 150) -> None:
     """SIGINT, as an operator stops `serve run`. Replicas drain queued work for up to their
     graceful_shutdown_timeout_s (120 s) first, so wait longer than that; then kill its group
-    and the Ray processes under this run's own temp dir (raylet, GCS and workers leave the
-    group), never any other Ray on the machine."""
+    and the raylet and GCS of this run (they leave the group; their command lines name its own
+    temp dir, so no other Ray on the machine is touched); the workers exit with their raylet."""
     os.killpg(process.pid, signal.SIGINT)
     try:
         process.wait(timeout=grace_s)
