@@ -232,10 +232,10 @@ class Batching(Strict):
     )
     max_wait_factor: float = Field(
         1.0, ge=0,
-        description="cost: the waiting bound. Shorter requests may overtake a request only until it would "
-        "finish this many times its own service time (its seconds alone) later than first come first served "
-        "would have finished it; then it goes first. 0: first come first served; larger: a lower mean, a "
-        "higher p99 (docs/capacity.md).",
+        description="cost: the waiting bound. Requests that arrived later may delay a request (overtaking it "
+        "or sharing its steps) by at most this many times its own service time (its seconds alone), counted in "
+        "the seconds the replica really took; then it goes first. 0: first come first served; larger: a lower "
+        "mean, a higher p99 (docs/capacity.md).",
     )
     max_wait_s: float | None = Field(
         None, ge=0, description="cost: the same bound in seconds; with both set, the smaller applies.",

@@ -9,20 +9,25 @@ So, at every step boundary:
    for a mean response time, shortest-remaining-work-first is the order to beat. A request's
    images stay together (its response needs all of them). Preemptive: a prepared image may sit
    out steps and resume later; its state stays in memory.
-2. Bound the waiting. A request's deadline is fixed when it is first seen: when first come
-   first served would finish it (the work already in the replica, then its own, at the pace
-   of the last batch) plus its slack, `max_wait_factor` x its own service time (at most
-   `max_wait_s`). Shorter requests overtake it only while that slack lasts; once it would
-   miss the deadline at the batch's pace it is urgent, and urgent requests go first, earliest
-   deadline first. No request starves, whatever stream of short ones arrives.
+2. Bound the waiting. A request may be delayed by requests that arrived after it (overtaking
+   it, or sharing its steps) for at most its slack, `max_wait_factor` x its own service time
+   (at most `max_wait_s`), counted in the seconds the loop really took, not in estimates: at
+   every boundary the last call's wall time (its step, and the prepares and decodes around it)
+   is charged to each request it delayed, in proportion to the images of later arrivals in
+   it (for a request in the call: to their share of what the call cost beyond its own images).
+   Once later arrivals have taken half its slack it is urgent; urgent requests go first,
+   oldest first, so nothing later overtakes it again.
 3. Grow the batch, in that order, only while sharing pays (`sharing_pays`): the running
    requests lose what the newcomers add to each step, the newcomers and everyone behind
    them (waiting now, or arriving before the work drains) gain what sharing saves. On a
    linear curve (this CPU) that is one request at a time; on a sublinear one (a GPU with
-   small work) the batch follows the curve, up to the cap. A newcomer whose prepare and decode
-   (the loop runs them between steps) would make an urgent request in the batch miss a
-   deadline it can still make is passed over: a stream of short requests, each prepared and
-   decoded while it shares the urgent one's steps, cannot push it past its bound.
+   small work) the batch follows the curve, up to the cap. The other half of an urgent
+   request's slack is what newcomers sharing its steps may spend: one whose prepare and decode
+   (the loop runs them between steps) would take more than is left is passed over, so a
+   stream of short requests, each prepared and decoded while it shares the urgent one's
+   steps, cannot push it past its bound. Once the slack is gone (an overloaded replica) the
+   guard lifts: refusing newcomers then would only turn a sublinear device into one that
+   serves one image at a time, and everyone would wait longer.
 """
 
 from __future__ import annotations
@@ -41,6 +46,10 @@ if TYPE_CHECKING:
 # processor sharing.
 NOISE_ERRORS = 2.0
 MAX_LOAD = 0.9  # the arrival term's 1 / (1 - load) stays finite near saturation
+# A request is urgent once later arrivals have taken this share of its slack: what is left is
+# the reserve newcomers may spend on it, by the prepares and decodes the loop runs between its
+# steps while they share them.
+RESERVE = 0.5
 ARRIVAL_WEIGHT = 0.1  # of the newest gap in the moving average of gaps between requests
 
 
@@ -53,7 +62,7 @@ class Group:
     extra_s: float = 0.0  # prepare + finish of its images
     remaining_s: float = 0.0  # alone, from where it is
     service_s: float = 0.0  # alone, from the start
-    deadline_s: float = math.inf
+    slack_s: float = math.inf  # how much longer later arrivals may still delay it
     urgent: bool = False
 
     @property
@@ -68,20 +77,27 @@ class Group:
     def request_id(self) -> str:
         return self.tickets[0].request_id
 
+    @property
+    def order(self) -> int:
+        return min(t.order for t in self.tickets)
+
 
 class CostPolicy:
     def __init__(self, cap: int, max_wait_factor: float, max_wait_s: float):
         self.cap = cap
         self.max_wait_factor = max_wait_factor
         self.max_wait_s = max_wait_s
-        self._deadlines: dict[str, float] = {}  # request id -> when it must finish
-        self._last_size = 1  # images in the last batch: the pace deadlines are judged at
+        self._slack: dict[str, float] = {}  # request id -> seconds later arrivals may still delay it
+        self._reserve: dict[str, float] = {}  # request id -> the slack left when it becomes urgent
+        # The last call: when it was chosen, and (order, request id) per image.
+        self._last: tuple[float, list[tuple[int, str]]] | None = None
         self._last_arrival_s: float | None = None
         self._gap_s: float | None = None  # moving average of the gaps between arrivals
 
     def forget(self, request_id: str) -> None:
         """The request left (finished, failed or cancelled)."""
-        self._deadlines.pop(request_id, None)
+        self._slack.pop(request_id, None)
+        self._reserve.pop(request_id, None)
 
     def choose(self, running: list[Ticket], waiting: list[Ticket], now: float, costs: Costs) -> list[Ticket]:
         """The tickets of the next denoiser call (running ones first within a request)."""
@@ -89,18 +105,18 @@ class CostPolicy:
         for ticket in itertools.chain(running, waiting):
             groups.setdefault((ticket.request_id, ticket.key), Group([])).tickets.append(ticket)
         if not groups:
+            self._last = None
             return []
         known: dict[tuple[Hashable, int], tuple[float, float]] = {}
         for group in groups.values():
             self._assess(group, costs, known)
-        self._set_deadlines(groups.values(), now, costs)
-        order = sorted(groups.values(), key=lambda g: (not g.urgent, g.deadline_s if g.urgent else g.remaining_s,
-                                                       g.tickets[0].order))
+        self._charge(groups.values(), now, costs)
+        order = sorted(groups.values(), key=lambda g: (not g.urgent, g.order if g.urgent else g.remaining_s, g.order))
         coming = self._arriving(order)
         head, prepared = order[0], {id(t) for t in running}
         batch, requests = head.tickets[: self.cap], 1
-        # The urgent requests in the batch, with how much longer than their own work they may take.
-        spare = [(head, self._spare_s(head, len(batch), now, costs, prepared))] if head.urgent else []
+        # The urgent requests in the batch, with the slack newcomers may still spend on them.
+        spare = [(head, head.slack_s)] if head.urgent else []
         for position, group in enumerate(order[1:], start=2):
             if len(batch) == self.cap:
                 break
@@ -110,17 +126,17 @@ class CostPolicy:
                                 behind=len(order) - position + coming):
                 break
             # The loop prepares a newcomer before the next step and decodes it between later ones
-            # (if it finishes first): an urgent request waits for both. None may miss a deadline it
-            # can still make for it.
+            # (if it finishes first): an urgent request waits for both, from what is left of its
+            # slack. None left (spent, or max_wait_factor 0): sharing goes on where it pays.
             delays = [self._delay_s(group, urgent, costs, prepared) for urgent, _ in spare]
-            if any(0 <= left < delay for (_, left), delay in zip(spare, delays, strict=True)):
+            if any(0 < left < delay for (_, left), delay in zip(spare, delays, strict=True)):
                 continue
             spare = [(urgent, left - delay) for (urgent, left), delay in zip(spare, delays, strict=True)]
             batch = batch + group.tickets
             requests += 1
             if group.urgent:
-                spare.append((group, self._spare_s(group, len(batch), now, costs, prepared)))
-        self._last_size = len(batch)
+                spare.append((group, group.slack_s))
+        self._last = (now, [(t.order, t.request_id) for t in batch])
         return batch
 
     @staticmethod
@@ -134,16 +150,6 @@ class CostPolicy:
             delay_s += images * costs.finish_s(key)
         return delay_s
 
-    @staticmethod
-    def _spare_s(group: Group, size: int, now: float, costs: Costs, prepared: set[int]) -> float:
-        """How much later than its own work (steps in batches of `size`, prepare unless prepared,
-        decode) the group may finish and still meet its deadline."""
-        images, key = len(group.tickets), group.costs_as
-        own_s = group.steps_left * costs.step_s(key, size) + images * costs.finish_s(key)
-        if id(group.tickets[0]) not in prepared:
-            own_s += images * costs.prepare_s(key)
-        return group.deadline_s - now - own_s
-
     def _assess(self, group: Group, costs: Costs, known: dict) -> None:
         """Seconds of a request's images run together (in calls of at most `cap`)."""
         key, n = group.costs_as, len(group.tickets)
@@ -155,27 +161,20 @@ class CostPolicy:
         group.service_s = group.tickets[0].steps * per_step + group.extra_s
         group.remaining_s = group.steps_left * per_step + group.extra_s
 
-    def _set_deadlines(self, groups: Iterable[Group], now: float, costs: Costs) -> None:
-        size, paced = self._last_size, {}
-
-        def pace_s(group: Group) -> float:  # a step of a batch like the last one
-            if group.costs_as not in paced:
-                paced[group.costs_as] = costs.step_s(group.costs_as, size)
-            return paced[group.costs_as]
-
-        def drain_s(group: Group) -> float:  # its images' share of such batches
-            return group.steps_left * len(group.tickets) * pace_s(group) / size + group.extra_s
-
-        ahead_s = sum(drain_s(g) for g in groups if g.request_id in self._deadlines)
-        for group in sorted(groups, key=lambda g: g.tickets[0].order):
-            if group.request_id not in self._deadlines:
-                ahead_s += drain_s(group)
+    def _charge(self, groups: Iterable[Group], now: float, costs: Costs) -> None:
+        """Each request's slack, less what the last call (its wall time: the step and the
+        loop's prepares and decodes around it) delayed it for later arrivals."""
+        for group in sorted(groups, key=lambda g: g.order):
+            if group.request_id not in self._slack:
                 slack_s = min(self.max_wait_factor * group.service_s, self.max_wait_s)
-                self._deadlines[group.request_id] = now + max(ahead_s, group.service_s) + slack_s
+                self._slack[group.request_id] = slack_s
+                self._reserve[group.request_id] = RESERVE * slack_s
                 self._note_arrival(group.tickets[0].arrived_s)
-            group.deadline_s = self._deadlines[group.request_id]
-            paced_s = group.steps_left * pace_s(group) * math.ceil(len(group.tickets) / size) + group.extra_s
-            group.urgent = now + max(paced_s, group.remaining_s) >= group.deadline_s
+            elif self._last is not None:
+                chosen_s, images = self._last
+                self._slack[group.request_id] -= (now - chosen_s) * delayed(group, images, costs)
+            group.slack_s = self._slack[group.request_id]
+            group.urgent = group.slack_s <= self._reserve[group.request_id]
 
     def _note_arrival(self, arrived_s: float) -> None:
         if self._last_arrival_s is not None and arrived_s > self._last_arrival_s:
@@ -191,6 +190,21 @@ class CostPolicy:
         rate = 1 / self._gap_s
         load = min(MAX_LOAD, rate * sum(g.service_s for g in order) / len(order))
         return rate * sum(g.remaining_s for g in order) / (1 - load)
+
+
+def delayed(group: Group, images: list[tuple[int, str]], costs: Costs) -> float:
+    """The fraction of a call over `images` ((order, request) each) that delayed `group` for
+    requests that arrived after it: their images' share of the call if it sat out; if it ran,
+    their share of what the call cost beyond its own images alone (on a linear curve the
+    same share; on a flat one almost nothing)."""
+    later = sum(1 for order, request_id in images if order > group.order and request_id != group.request_id)
+    if not later:
+        return 0.0
+    own = sum(1 for _, request_id in images if request_id == group.request_id)
+    if not own:
+        return later / len(images)
+    beyond = 1 - costs.step_s(group.costs_as, own) / costs.step_s(group.costs_as, len(images))
+    return max(0.0, beyond) * later / (len(images) - own)
 
 
 def sharing_pays(costs: Costs, key: Hashable, size: int, joining: int, requests: int, behind: float) -> bool:
