@@ -31,7 +31,7 @@ TARGET_FACTOR = 4  # p99 target: this many times an `hd` image alone (an operato
 
 
 # The columns: (policy, max_wait_factor) -- the cost policy at its default bound and at 0
-# (first come first served's finish as every request's deadline: p99 first).
+# (every request urgent on arrival: first come first served, sharing where it pays; p99 first).
 ARMS = {"call": ("call", 1.0), "fixed": ("fixed", 1.0), "cost": ("cost", 1.0), "cost, max_wait_factor 0": ("cost", 0.0)}
 
 
