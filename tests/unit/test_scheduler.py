@@ -202,6 +202,11 @@ def test_cost_grows_the_batch_only_while_the_curve_says_sharing_pays():
     mild = Curve(lambda b: 1.0 + 0.8 * (b - 1))
     assert first_batch(mild, 2) == 1
     assert first_batch(mild, 8) > 1
+    # A bumpy curve, as measured over HTTP here (2 images cost twice one, 4 little more than 2):
+    # one more does not pay, the next ones together do.
+    bumpy = Curve(lambda b: 1.0 if b == 1 else 2.0 + 0.1 * (b - 2))
+    assert first_batch(bumpy, 2) == 1
+    assert first_batch(bumpy, 4) == 4
 
 
 def test_cost_with_no_slack_is_first_come_first_served_that_still_shares_steps():
@@ -229,6 +234,11 @@ def test_cost_probes_a_batch_size_it_has_not_measured_then_follows_the_measureme
     for _ in range(3):
         costs.observe_step(A, 2, 2.0)  # measured linear
     assert len(s.plan(1.0, costs).batch) == 1
+    # Sizes 3 and 4 are not measured, but reaching them takes two newcomers or more, judged
+    # together: a probe is one newcomer, so nothing joins.
+    s4 = StepScheduler(4, "cost", max_wait_factor=100)
+    s4.submit([t for name in "wxyz" for t in cost_tickets(name, 20)])
+    assert len(s4.plan(0.0, costs).batch) == 1
 
 
 def test_no_request_waits_past_its_bound_under_an_adversarial_stream_of_short_ones():
