@@ -5,7 +5,7 @@ it measured, read from the replicas themselves (`ModelServer.stats()`).
         [--duration-s 40] [--rounds 2]
 
 Starts one `serve run` with the model as `<id>-cost` and `<id>-fixed`, sends both the same
-seeded Poisson arrivals of `standard` requests (256², b64 jpeg), arms alternating per round,
+seeded Poisson arrivals of `standard` requests (256², b64 jpeg), arms alternating per round (each first in turn),
 then connects to the cluster as a Ray driver and asks each replica for its step loop's counters
 and cost model. Prints one line per arm and round: p50 and mean latency, denoiser calls, mean
 batch, ms per call, the loop's ms between calls, and the cost model's step seconds by batch size
@@ -81,7 +81,7 @@ def main() -> None:
                 return handle.stats.remote().result()
 
             for round_ in range(args.rounds):
-                for arm in ARMS:
+                for arm in ARMS if round_ % 2 == 0 else ARMS[::-1]:  # each arm first in turn
                     before = stats(arm)["loop"]
                     latency = asyncio.run(poisson(base, f"{args.model}-{arm}", arrivals))
                     after = stats(arm)

@@ -10,7 +10,7 @@ scenarios only, about 15). Starts its own `serve run` with each model three time
 - capacity of the whole-call arm (closed loop, concurrency 8), mixed presets and standard only:
   "load" below is a fraction of it, the same definition as benchmarks/simulate.py's;
 - mixed presets (standard/hd/low = 50/30/20 %), Poisson at 70 % of that capacity, every arm
-  with the same arrivals and presets (seeded), arms interleaved per scenario;
+  with the same arrivals and presets (seeded), arms interleaved per scenario (rotated: each first in turn);
 - standard only, Poisson at 50 % and 90 % of capacity, every arm;
 - the simulator on the same arrivals, with the cost curve the replicas measured in place
   (their cost-model gauges, read from Ray's Prometheus endpoints) and the HTTP path's own
@@ -254,11 +254,13 @@ async def measure(base: str, models: list[str], duration_s: float, quick: bool, 
         plan = [("mixed 70%", 0.7 * capacity_mixed, MIX, duration_s),
                 ("standard 50%", 0.5 * capacity_standard, [("standard", 1.0)], duration_s * 2 / 3),
                 ("standard 90%", 0.9 * capacity_standard, [("standard", 1.0)], duration_s * 2 / 3)]
-        for name, rate, mix, duration in plan:
+        for turn, (name, rate, mix, duration) in enumerate(plan):
             schedule = arrivals(rate, duration, mix, seed=7)
-            runs[name] = {"rate_per_s": rate, "arrivals": schedule}
-            for arm, suffix in ARMS.items():  # interleaved: the machine's drift hits every arm alike
-                runs[name][arm] = await bench.poisson(model + suffix, schedule)
+            runs[name] = {"rate_per_s": rate, "arrivals": schedule, "order": first_in_turn(turn)}
+            # Interleaved, so the machine's drift hits every arm alike, and each arm first in turn:
+            # the arm that goes first has measured slower (policy_probe.py, benchmarks/README.md).
+            for arm in runs[name]["order"]:
+                runs[name][arm] = await bench.poisson(model + ARMS[arm], schedule)
             print(model, name, json.dumps({k: v for k, v in runs[name].items() if k != "arrivals"}), flush=True)
         results[model] = runs
         # Right after its runs: Ray exports a gauge only while its replica keeps setting it.
@@ -270,6 +272,12 @@ async def measure(base: str, models: list[str], duration_s: float, quick: bool, 
     overhead = [(await bench.generate("tiny-sd", num_inference_steps=1))[1] for _ in range(21)][1:]
     results["http_1_step_p50_s"] = statistics.median(overhead)
     return results
+
+
+def first_in_turn(turn: int) -> list[str]:
+    """The arms in the order they run in the `turn`-th scenario: rotated, each first in turn."""
+    arms = list(ARMS)
+    return arms[turn % len(arms):] + arms[: turn % len(arms)]
 
 
 def in_situ_curve(model: str, costs: dict) -> simulate.Curve | None:
@@ -320,7 +328,8 @@ def table(results: dict, models: list[str]) -> str:
                 r = run[arm]
                 ratio = (f"{r['p50_s'] / c['p50_s']:.2f}x | {r['p99_s'] / c['p99_s']:.2f}x | "
                          f"{r['mean_s'] / c['mean_s']:.2f}x | {r['images_per_s'] / c['images_per_s']:.2f}x")
-                lines.append(f"| {model} | {name} | {run['rate_per_s']:.2f} | {arm} | {r['p50_s']:.2f} | "
+                first = " (ran first)" if run.get("order", [None])[0] == arm else ""
+                lines.append(f"| {model} | {name} | {run['rate_per_s']:.2f} | {arm}{first} | {r['p50_s']:.2f} | "
                              f"{r['p99_s']:.2f} | {r['mean_s']:.2f} | {r['images_per_s']:.2f} | {ratio} |")
     lines += ["", "Simulator (benchmarks/simulate.py) on the same arrivals, with the curve the replicas measured in "
               "place and the HTTP path's latency at c=1:", "",

@@ -16,15 +16,6 @@ was measured recently (within `STALE_AFTER` of the key's other observations): th
 policy probes sizes that are not, so the curve is measured by running it, and re-measured
 when the machine's speed drifts (a noisy neighbour slows batch 1 while batch 2's old figure
 would make sharing look cheap).
-
-The curve's *shape* (what a bigger batch costs against a smaller one) is taken from steps
-measured under the same conditions: each time the batch size changes between two consecutive
-steady steps of a key, the ratio of their seconds is a matched sample (`PAIRED_SAMPLES` of
-them, averaged, replace the ratio of the two sizes' own averages). The *level* is the most
-measured recent size's average. Over HTTP on a small machine the proxy, the ingress and the
-clients are busiest exactly when the replica holds more requests, so the sizes' own averages
-compare a batch of two measured under load with a batch of one measured at ease (2.2-2.6x
-where the same steps side by side cost 1.6x); consecutive steps see the same neighbours.
 """
 
 from __future__ import annotations
@@ -41,7 +32,6 @@ TRUSTED_SAMPLES = 2  # samples after the dropped warm-up one before a size's est
 STALE_AFTER = 300  # observations of a key's other sizes after which a size is re-measured
 MAX_KEYS = 32  # keys remembered (the least recently seen are forgotten): sizes are open-ended
 DEFAULT_STEP_S = 1.0  # before anything is measured: only the ratios between requests matter
-PAIRED_SAMPLES = 2  # matched ratios of two sizes before they replace the ratio of their averages
 
 
 @dataclass
@@ -79,8 +69,6 @@ class KeyCosts:
     prepare: Average
     finish: Average
     observations: int = 0
-    # (smaller, bigger) size -> ratio of their seconds in consecutive steady steps (see the top)
-    ratios: dict[tuple[int, int], Average] = field(default_factory=dict)
     curve: list[tuple[int, float]] | None = None  # measured (size, seconds), sorted; None: recompute
     estimates: dict[int, float] = field(default_factory=dict)  # step_s by size, from `curve`
 
@@ -91,30 +79,14 @@ class CostModel:
     def __init__(self, *, max_keys: int = MAX_KEYS):
         self._keys: OrderedDict[Hashable, KeyCosts] = OrderedDict()
         self._max_keys = max_keys
-        self._previous: tuple[Hashable, int, float] | None = None  # the last steady step kept
 
     # -- what the step loop reports -------------------------------------------------
     def observe_step(self, key: Hashable, size: int, seconds: float) -> None:
-        """A steady step; consecutive ones (no `interrupt` between) are compared when their
-        sizes differ."""
         costs = self._entry(key)
         costs.observations += 1
-        average = costs.steps.setdefault(size, Average())
-        average.add(seconds, costs.observations)
-        if not average.samples:  # the warm-up: neither kept nor compared
-            self._previous = None
-        else:
-            if self._previous is not None and self._previous[0] == key and self._previous[1] != size:
-                (small, small_s), (big, big_s) = sorted([self._previous[1:], (size, seconds)])
-                if small_s > 0:
-                    costs.ratios.setdefault((small, big), Average(seen=1)).add(big_s / small_s, 0)
-            self._previous = (key, size, seconds)
+        costs.steps.setdefault(size, Average()).add(seconds, costs.observations)
         costs.curve = None
         costs.estimates.clear()
-
-    def interrupt(self) -> None:
-        """The loop went idle: the next step is not measured beside the last one."""
-        self._previous = None
 
     def observe_prepare(self, key: Hashable, images: int, seconds: float) -> None:
         self._entry(key).prepare.add(seconds / images, 0)
@@ -131,7 +103,7 @@ class CostModel:
         estimate = costs.estimates.get(size)
         if estimate is None:
             if costs.curve is None:
-                costs.curve = monotone(matched(costs))
+                costs.curve = monotone(sorted((s, a.value) for s, a in costs.steps.items() if a.samples))
             estimate = interpolate(costs.curve, size) if costs.curve else size * self._borrowed_per_image()
             costs.estimates[size] = estimate
         return estimate
@@ -174,8 +146,6 @@ class CostModel:
             {"key": describe_key(key),
              "step_s": {size: round(a.value, 6) for size, a in sorted(c.steps.items()) if a.samples},
              "samples": {size: a.samples for size, a in sorted(c.steps.items()) if a.samples},
-             "matched": {f"{big}/{small}": round(a.value, 4) for (small, big), a in sorted(c.ratios.items())
-                         if a.samples >= PAIRED_SAMPLES},
              "prepare_s": round(c.prepare.value, 6), "finish_s": round(c.finish.value, 6)}
             for key, c in self._keys.items()
         ]
@@ -192,32 +162,6 @@ class CostModel:
     def _borrowed_per_image(self) -> float:
         per_image = [a.value / s for c in self._keys.values() for s, a in c.steps.items() if a.samples]
         return sum(per_image) / len(per_image) if per_image else DEFAULT_STEP_S
-
-
-def matched(costs: KeyCosts) -> list[tuple[int, float]]:
-    """(size, seconds) for the measured sizes, sorted: the level of the most measured size among
-    the recent ones, and from it outwards, neighbour by neighbour, the matched ratio of two
-    sizes where there is one and the ratio of their averages where there is not."""
-    kept = sorted((s, a) for s, a in costs.steps.items() if a.samples)
-    if not kept:
-        return []
-    recent = [i for i, (_, a) in enumerate(kept) if costs.observations - a.at <= STALE_AFTER] or range(len(kept))
-    anchor = max(recent, key=lambda i: kept[i][1].samples)
-    values = [0.0] * len(kept)
-    values[anchor] = kept[anchor][1].value
-
-    def ratio(i: int) -> float:  # seconds of kept[i + 1] / seconds of kept[i]
-        (small, small_avg), (big, big_avg) = kept[i], kept[i + 1]
-        pair = costs.ratios.get((small, big))
-        if pair is not None and pair.samples >= PAIRED_SAMPLES:
-            return pair.value
-        return big_avg.value / small_avg.value if small_avg.value > 0 and big_avg.value > 0 else 1.0
-
-    for i in range(anchor + 1, len(kept)):
-        values[i] = values[i - 1] * ratio(i - 1)
-    for i in range(anchor - 1, -1, -1):
-        values[i] = values[i + 1] / ratio(i)
-    return [(size, value) for (size, _), value in zip(kept, values, strict=True)]
 
 
 def monotone(curve: list[tuple[int, float]]) -> list[tuple[int, float]]:

@@ -21,9 +21,9 @@ So, at every step boundary:
    requests lose what the newcomers add to each step, the newcomers and everyone behind
    them (waiting now, or arriving before the work drains) gain what sharing saves. The next
    newcomers are judged together until they pay or the cap is reached (on a bumpy measured
-   curve one more may not pay where three more do). On a
-   linear curve (this CPU) that is one request at a time; on a sublinear one (a GPU with
-   small work) the batch follows the curve, up to the cap. The other half of an urgent
+   curve one more may not pay where three more do). On a linear curve that is one request at
+   a time; on a sublinear one (this CPU's tiny models, a GPU with small work) the batch
+   follows the curve, up to the cap. The other half of an urgent
    request's slack is what newcomers sharing its steps may spend: one whose prepare and decode
    (the loop runs them between steps) would take more than is left is passed over, so a
    stream of short requests, each prepared and decoded while it shares the urgent one's
@@ -120,8 +120,10 @@ class CostPolicy:
         # The urgent requests in the batch, with the slack newcomers may still spend on them.
         spare = [(head, head.slack_s)] if head.urgent else []
         # Newcomers considered together: a measured curve is bumpy (over HTTP here 2 images 1.9x
-        # one, 4 images 2.7x), so where one more does not pay, the next few together may.
+        # one, 4 images 2.7x), so where one more does not pay, the next few together may. Those
+        # still pending already count against urgent requests' slack (the cautious side).
         joining: list[Ticket] = []
+        newcomers = 0
         for position, group in enumerate(order[1:], start=2):
             if len(batch) + len(joining) == self.cap:
                 break
@@ -136,11 +138,10 @@ class CostPolicy:
             spare = [(urgent, left - delay) for (urgent, left), delay in zip(spare, delays, strict=True)]
             if group.urgent:
                 spare.append((group, group.slack_s))
-            joining += group.tickets
-            newcomers = len({t.request_id for t in joining})
+            joining, newcomers = joining + group.tickets, newcomers + 1
             if sharing_pays(costs, group.costs_as, len(batch), len(joining), requests,
                             behind=len(order) - position + coming, newcomers=newcomers):
-                batch, joining, requests = batch + joining, [], requests + newcomers
+                batch, joining, requests, newcomers = batch + joining, [], requests + newcomers, 0
         self._last = (now, [(t.order, t.request_id) for t in batch])
         return batch
 
@@ -219,8 +220,8 @@ def sharing_pays(costs: Costs, key: Hashable, size: int, joining: int, requests:
     request is delayed by what the newcomers add to the call (`together - alone`), and the
     newcomers and everyone behind them gain what sharing saves over running the newcomers
     afterwards, together (`saving`): comparing the two orders of two requests gives exactly
-    that, whatever their steps. On a
-    linear curve nothing is saved; on a flat one everything joins. A size whose cost is not
+    that, whatever their steps. On a linear curve nothing is saved; on a flat one everything
+    joins. A size whose cost is not
     measured (or was measured long ago) is probed: one newcomer joins, and it is measured (more
     newcomers judged together would probe the biggest size within reach every time one goes
     stale: in the simulator, p99 1.11x on FLUX.1-schnell at 50 %)."""

@@ -127,7 +127,6 @@ class StepLoop:
                 while self.scheduler.idle() and not self._stopped:
                     last_step_ended = None
                     self._settle()  # no step follows: nothing was left to pay
-                    self.costs.interrupt()  # nor is the next step measured beside the last
                     self._lock.wait(self._republish_s)
                     self._republish()
                 if self._stopped:

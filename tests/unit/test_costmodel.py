@@ -89,54 +89,10 @@ def test_keys_are_bounded_least_recently_seen_forgotten():
 
 
 def test_snapshot_for_the_replica_stats():
-    costs = measured((1, 0), (1, 0.01), (1, 0.01), (4, 0), (4, 0.03), (1, 0.01), (4, 0.03))
+    costs = measured((1, 0), (1, 0.01), (1, 0.01), (4, 0), (4, 0.03))
     costs.observe_finish(KEY, 1, 0.02)
     costs.observe_finish(KEY, 1, 0.02)
-    assert costs.snapshot() == [{"key": "256x256", "step_s": {1: 0.01, 4: 0.03}, "samples": {1: 3, 4: 2},
-                                 "matched": {"4/1": 3.0}, "prepare_s": 0.0, "finish_s": 0.02}]
+    assert costs.snapshot() == [{"key": "256x256", "step_s": {1: 0.01, 4: 0.03}, "samples": {1: 2, 4: 1},
+                                 "prepare_s": 0.0, "finish_s": 0.02}]
     assert describe_key((512, 512, True)) == "512x512+cfg"
     assert describe_key((256, 256, 28, 3.5)) == "256/256/28/3.5"
-
-
-def load_follows_size(ratio: float, busy: float) -> CostModel:
-    """Steps of a device where 2 images cost `ratio` x one, measured as over HTTP on a small
-    machine: batch 1 mostly at ease, batch 2 only while the neighbours (proxy, ingress, clients)
-    are busy and everything runs `busy` x slower; the steps around each change of size see the
-    same neighbours (the load comes with the request that joins and leaves with the one that
-    finishes)."""
-    costs = measured((1, 0), (2, 0))  # warm-ups
-    for _ in range(6):
-        costs.observe_step(KEY, 1, busy)  # the request that joins is on its way in
-        for _ in range(4):
-            costs.observe_step(KEY, 2, ratio * busy)
-        costs.observe_step(KEY, 1, busy)  # the one that finished is on its way out
-        for _ in range(20):
-            costs.observe_step(KEY, 1, 1.0)  # at ease
-    return costs
-
-
-def test_the_curves_shape_comes_from_steps_measured_side_by_side():
-    costs = load_follows_size(ratio=1.6, busy=1.5)
-    assert costs.measured_s(KEY, 2) / costs.measured_s(KEY, 1) > 2.2  # the averages: sharing looks dear
-    assert costs.step_s(KEY, 2) / costs.step_s(KEY, 1) == pytest.approx(1.6)  # side by side it is not
-    assert costs.step_s(KEY, 1) == costs.measured_s(KEY, 1)  # the level: the most measured size
-    assert costs.snapshot()[0]["matched"] == {"2/1": 1.6}
-    # and so the cost policy shares steps, where on the averages it would not
-    from serve_app.replica.costpolicy import sharing_pays
-
-    assert sharing_pays(costs, KEY, 1, 1, 1, behind=1)
-    assert not sharing_pays(measured(*[(1, 1.0)] * 4, *[(2, 2.4)] * 4), KEY, 1, 1, 1, behind=1)
-
-
-def test_only_consecutive_steps_of_one_key_are_compared():
-    costs = measured((1, 0), (1, 1.0), (2, 0), (2, 2.0))  # a size's first step is never compared
-    costs.observe_step(KEY, 1, 1.0)  # compared with the step before: one sample, 2.0
-    costs.observe_step(("other",), 1, 0)
-    costs.observe_step(("other",), 1, 5.0)
-    costs.observe_step(KEY, 2, 9.0)  # another key ran between
-    costs.observe_step(KEY, 2, 1.5)
-    costs.interrupt()  # the loop was idle
-    costs.observe_step(KEY, 1, 0.1)
-    assert costs.snapshot()[-1]["matched"] == {}  # still one sample: the averages' ratio is used
-    costs.observe_step(KEY, 2, 1.5)
-    assert costs.snapshot()[-1]["matched"] == {"2/1": pytest.approx(2.0 + costmodel.ALPHA * (15 - 2.0))}

@@ -229,27 +229,6 @@ def test_the_loop_teaches_the_cost_model_what_a_step_costs(runner):
     assert metrics.gauges
 
 
-def test_the_loop_compares_consecutive_steps_not_steps_an_idle_spell_apart(runner):
-    key = runner.batch_key(spec(1))
-    costs = linear_costs(runner)  # every size past its warm-up
-    loop = StepLoop(runner, StepScheduler(4), Recorder(), lambda exc: GenerationError(str(exc)), costs=costs)
-    results: queue.Queue = queue.Queue()
-    for i, images in enumerate((1, 2, 1, 2)):  # one after another: the loop is idle between them
-        submit(loop, runner, f"r{i}", [spec(4, seed=i)] * images, results)
-        for _ in range(images):
-            results.get(timeout=60)
-    costs.observe_step(key, 1, 1.0)  # what the last steady step is compared with, if anything
-    assert costs.snapshot()[0]["matched"] == {}
-    submit(loop, runner, "long", [spec(12, seed=7)] * 2, results)
-    while loop.stats.steps < 3 + 4 + 4 + 4 + 3:
-        time.sleep(0.002)
-    submit(loop, runner, "short", [spec(5, seed=8)], results)  # joins (2 -> 3), then leaves (3 -> 2)
-    for _ in range(3):
-        results.get(timeout=60)
-    loop.stop()
-    assert set(costs.snapshot()[0]["matched"]) == {"3/2"}
-
-
 def test_a_step_right_after_an_admission_is_not_what_its_size_costs(runner):
     """After a prepare the caches hold the text encoders, not the denoiser: that step's extra
     time is the prepare's, not the batch size's (a policy would stop running a size it only saw
