@@ -258,7 +258,7 @@ async def measure(base: str, models: list[str], duration_s: float, quick: bool, 
             schedule = arrivals(rate, duration, mix, seed=7)
             runs[name] = {"rate_per_s": rate, "arrivals": schedule, "order": first_in_turn(turn)}
             # Interleaved, so the machine's drift hits every arm alike, and each arm first in turn:
-            # the arm that goes first has measured slower (policy_probe.py, benchmarks/README.md).
+            # in one probe pair the arm that went first measured slower (benchmarks/README.md).
             for arm in runs[name]["order"]:
                 runs[name][arm] = await bench.poisson(model + ARMS[arm], schedule)
             print(model, name, json.dumps({k: v for k, v in runs[name].items() if k != "arrivals"}), flush=True)
