@@ -40,6 +40,7 @@ import litserve as ls
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks import serving  # noqa: E402
+from serve_app.ray_env import let_children_take_ctrl_c  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MIX = [("standard", 0.5), ("hd", 0.3), ("low", 0.2)]
@@ -208,6 +209,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    let_children_take_ctrl_c()  # the servers are stopped with SIGINT
     processes = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

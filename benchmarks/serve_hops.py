@@ -29,6 +29,9 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from serve_app.ray_env import let_children_take_ctrl_c  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 APP = '''
@@ -109,6 +112,7 @@ def main() -> None:
     parser.add_argument("--payload-kb", type=int, default=100)
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    let_children_take_ctrl_c()  # the servers are stopped with SIGINT
     work = Path(tempfile.mkdtemp(prefix="artserve-hops-"))
     (work / "hops_app.py").write_text(APP)
     env = {**os.environ, "PYTHONPATH": str(work), "PAYLOAD_KB": str(args.payload_kb), "RAY_TMPDIR": str(work),

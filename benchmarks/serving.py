@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from serve_app.ray_env import with_ray_env
+from serve_app.ray_env import let_children_take_ctrl_c, with_ray_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +50,7 @@ def start(work: Path, ray_tmp: Path, models: list[dict], timeout_s: float = 300,
                                "args": {"models": ids, "models_dir": str(directory), "storage": str(work / "images")}}]}
     (work / "serve.yaml").write_text(yaml.safe_dump(serve))
     log = open(work / "serve.log", "wb")  # noqa: SIM115 - lives as long as the server
+    let_children_take_ctrl_c()  # stop() sends SIGINT
     env = {**with_ray_env(), "RAY_TMPDIR": str(ray_tmp), "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     process = subprocess.Popen([str(Path(sys.executable).with_name("serve")), "run", str(work / "serve.yaml")],
                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)

@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from serve_app.api import drain
-from serve_app.ray_env import with_ray_env
+from serve_app.ray_env import let_children_take_ctrl_c, with_ray_env
 
 IMPORT_PATH = "serve_app.app:build_app"
 POLL_INTERVAL_S = 1.0
@@ -146,6 +146,7 @@ class Launcher:
         # Its own session: a terminal's Ctrl-C reaches only us, and we pass on exactly one.
         drain.clear(self.drain_dir)  # a flag left by an earlier run would refuse every request
         env = {**with_ray_env(), "ARTSERVE_DRAIN_DIR": str(self.drain_dir)}  # the ingresses' side of the drain
+        let_children_take_ctrl_c()  # the SIGINT that stops serve run (below) must not be ignored there
         self.process = subprocess.Popen(command, start_new_session=True, env=env)
         signal.signal(signal.SIGINT, self._forward)
         signal.signal(signal.SIGTERM, self._forward)

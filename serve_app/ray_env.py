@@ -23,11 +23,14 @@ Serve's earlier default). Left out of the bundle, on purpose:
 
 With user code on the replica's loop a handler must not block it: ArtServe's replicas hand
 every blocking part (the step loop, encoding, storage) to threads already.
+
+Where Ray starts, SIGINT must also reach `serve run`: see `let_children_take_ctrl_c`.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Mapping
 
 RAY_ENV = {
@@ -43,3 +46,14 @@ RAY_ENV = {
 def with_ray_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """`env` (default: this process's environment) with ArtServe's Ray settings where it has none."""
     return {**RAY_ENV, **(os.environ if env is None else env)}
+
+
+def let_children_take_ctrl_c() -> None:
+    """Call before starting a `serve run` that is stopped with SIGINT (its Ctrl-C). A shell's
+    background job (`cmd &`, `nohup`) starts with SIGINT ignored, and an ignored signal stays
+    ignored across exec: such a `serve run` never stops on SIGINT (the launcher killed it after
+    its 60 s grace; each benchmark server sat out its 150 s). A caught signal is reset to the
+    default on exec, so catching SIGINT here, as Python does when it starts with it unignored,
+    gives every child started afterwards a working Ctrl-C."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

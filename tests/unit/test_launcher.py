@@ -4,6 +4,10 @@ server standing in for the ingress's `GET /v1/models`."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -94,3 +98,21 @@ def test_keys_file_is_read_too(models_api, monkeypatch, tmp_path):
     monkeypatch.setenv("ARTSERVE_API_KEYS_FILE", str(tmp_path / "keys"))
     state["cards"] = [{"id": "a", "status": "HEALTHY", "running_replicas": 1}]
     assert model_states(endpoint) == {"a": "ready"}
+
+
+def test_serve_run_started_from_a_background_job_still_stops_on_ctrl_c():
+    """A shell's `cmd &` starts with SIGINT ignored and a child keeps that across exec: the
+    launcher's SIGINT to serve run did nothing (it was killed after 60 s). A child started
+    before the call inherits the ignored signal (the control); one started after has Ctrl-C."""
+    script = textwrap.dedent("""
+        import signal, subprocess, sys
+        from serve_app.ray_env import let_children_take_ctrl_c
+        probe = [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"]
+        before = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
+        let_children_take_ctrl_c()
+        after = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
+        print("ignored before:", before, "after:", after)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # a background job
+    assert out.stdout.split() == ["ignored", "before:", "True", "after:", "False"], out
