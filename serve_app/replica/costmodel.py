@@ -1,13 +1,17 @@
 """What a step costs on this replica, learned from the step loop's own timings. Pure Python
 (no torch, no Ray, no clock): the loop reports seconds, the scheduler asks for estimates.
 
-Per batch key (size, CFG on/off) and batch size, a moving average of the seconds one
-denoiser call took; per key, the seconds per image of `prepare` (text encoding, first
-latents) and of `finish` (VAE decode). An estimate for a batch size not measured yet is
-linear from the nearest measured size (the pessimistic guess: batching saves nothing until
-it is seen to), and interpolated between measured sizes; no size is estimated dearer than a
-bigger one measured (`monotone`). A key never measured borrows the
-per-image cost of the keys that were.
+Per batch key (size, CFG on/off) and batch size, the median of the last `WINDOW` seconds
+one denoiser call took; per key, the seconds per image of `prepare` (text encoding, first
+latents) and of `finish` (VAE decode), the same way. A median, not a moving average: on a
+shared machine a step's wall time has a long tail (another process took the core), and over
+HTTP here a moving average of the batch-2 steps read 41.6 ms where their median was 22.3 and
+their mean 25.8 (a few recent outliers): two images looked 3.8x one, not 1.7x, and the cost
+policy served about one image at a time (benchmarks/README.md, "Medians, and the noise guard
+under load"). An estimate for a batch size not measured yet is linear from the nearest
+measured size (the pessimistic guess: batching saves nothing until it is seen to), and
+interpolated between measured sizes; no size is estimated dearer than a bigger one measured
+(`monotone`). A key never measured borrows the per-image cost of the keys that were.
 
 The first sample of every (key, size) is dropped: the first call at a new shape pays for
 allocation, kernel autotuning or compilation (seconds, under torch.compile) and would make
@@ -15,19 +19,20 @@ a size look ruinous forever. A size is `trusted` once it has `TRUSTED_SAMPLES` s
 was measured recently (within `STALE_AFTER` of the key's other observations): the cost
 policy probes sizes that are not, so the curve is measured by running it, and re-measured
 when the machine's speed drifts (a noisy neighbour slows batch 1 while batch 2's old figure
-would make sharing look cheap).
+would make sharing look cheap): a stale size's old samples are forgotten.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-from collections import OrderedDict
+import statistics
+from collections import OrderedDict, deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-ALPHA = 0.2  # weight of the newest sample: about the last ten samples count
+WINDOW = 20  # the samples a size's median is taken over
 TRUSTED_SAMPLES = 2  # samples after the dropped warm-up one before a size's estimate is used
 STALE_AFTER = 300  # observations of a key's other sizes after which a size is re-measured
 MAX_KEYS = 32  # keys remembered (the least recently seen are forgotten): sizes are open-ended
@@ -35,39 +40,37 @@ DEFAULT_STEP_S = 1.0  # before anything is measured: only the ratios between req
 
 
 @dataclass
-class Average:
-    """An exponential moving average (and variance) that drops its first sample."""
+class Recent:
+    """The median of the last `WINDOW` samples; the first sample ever offered is dropped."""
 
     value: float = 0.0
-    variance: float = 0.0  # of one sample, exponentially weighted like the mean
-    samples: int = 0  # kept (after the dropped one)
+    error: float = 0.0  # standard error of the median, from the samples' median absolute deviation
+    samples: int = 0  # kept since the last reset (after the dropped one)
     seen: int = 0  # offered, including the dropped one
     at: int = 0  # the key's observation count when last updated (staleness)
+    window: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
 
-    def add(self, seconds: float, at: int) -> None:
+    def add(self, seconds: float, at: int, stale_after: float = math.inf) -> None:
         self.seen += 1
+        if at - self.at > stale_after:  # measured long ago: the machine may have changed since
+            self.window.clear()
+            self.samples = 0
         self.at = at
         if self.seen == 1:
             return
-        if self.samples == 0:
-            self.value = seconds
-        else:
-            delta = seconds - self.value
-            self.value += ALPHA * delta
-            self.variance = (1 - ALPHA) * (self.variance + ALPHA * delta * delta)
+        self.window.append(seconds)
         self.samples += 1
-
-    @property
-    def error(self) -> float:
-        """Standard error of the average (an EMA weighs about (2 - ALPHA) / ALPHA samples)."""
-        return math.sqrt(self.variance * ALPHA / (2 - ALPHA))
+        self.value = statistics.median(self.window)
+        if len(self.window) > 1:
+            spread = statistics.median(abs(s - self.value) for s in self.window) * 1.4826  # ~ sigma
+            self.error = 1.2533 * spread / math.sqrt(len(self.window))  # a median's, for normal noise
 
 
 @dataclass
 class KeyCosts:
-    steps: dict[int, Average]
-    prepare: Average
-    finish: Average
+    steps: dict[int, Recent]
+    prepare: Recent
+    finish: Recent
     observations: int = 0
     curve: list[tuple[int, float]] | None = None  # measured (size, seconds), sorted; None: recompute
     estimates: dict[int, float] = field(default_factory=dict)  # step_s by size, from `curve`
@@ -84,7 +87,7 @@ class CostModel:
     def observe_step(self, key: Hashable, size: int, seconds: float) -> None:
         costs = self._entry(key)
         costs.observations += 1
-        costs.steps.setdefault(size, Average()).add(seconds, costs.observations)
+        costs.steps.setdefault(size, Recent()).add(seconds, costs.observations, STALE_AFTER)
         costs.curve = None
         costs.estimates.clear()
 
@@ -109,7 +112,7 @@ class CostModel:
         return estimate
 
     def measured_s(self, key: Hashable, size: int) -> float | None:
-        """The moving average at exactly this size, None before a sample was kept."""
+        """The median at exactly this size, None before a sample was kept."""
         costs = self._keys.get(key)
         average = costs.steps.get(size) if costs else None
         return average.value if average is not None and average.samples else None
@@ -153,7 +156,7 @@ class CostModel:
     def _entry(self, key: Hashable) -> KeyCosts:
         costs = self._keys.get(key)
         if costs is None:
-            costs = self._keys[key] = KeyCosts({}, Average(), Average())
+            costs = self._keys[key] = KeyCosts({}, Recent(), Recent())
             if len(self._keys) > self._max_keys:
                 self._keys.popitem(last=False)
         self._keys.move_to_end(key)

@@ -209,6 +209,25 @@ def test_cost_grows_the_batch_only_while_the_curve_says_sharing_pays():
     assert first_batch(bumpy, 4) == 4
 
 
+def test_cost_shares_a_saving_within_the_noise_once_one_at_a_time_cannot_keep_up():
+    """A saving smaller than the measurements' noise is refused while one request at a time
+    keeps up with the arrivals (on a linear device it may be noise); once it cannot, refusing
+    it would only lose capacity (over HTTP here the replica then fell ever further behind)."""
+    class Noisy(Curve):
+        def step_error_s(self, key, size):
+            return 0.3 * self.step(size)
+
+    noisy = Noisy(lambda b: 1.0 + 0.6 * (b - 1))  # sublinear, but the saving is within the noise
+
+    def first_batch(gap_s: float) -> int:
+        s = StepScheduler(4, "cost", max_wait_factor=100)
+        s.submit([t for i in range(8) for t in cost_tickets(f"r{i}", 20, at=i * gap_s)])
+        return len(s.plan(8 * gap_s, noisy).batch)
+
+    assert first_batch(40.0) == 1  # a request alone takes 20 s, one arrives every 40: half loaded
+    assert first_batch(10.0) == 4  # one every 10: one at a time would carry twice what it can
+
+
 def test_cost_with_no_slack_is_first_come_first_served_that_still_shares_steps():
     """`max_wait_factor: 0`: every request is urgent on arrival. Newcomers that cost it a prepare
     still share its steps where the curve says sharing pays: refusing them would serve one image
