@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 # processor sharing. Only while one request at a time keeps up with the arrivals: once it
 # cannot, refusing a saving that may be noise only loses capacity (in the simulator, a curve
 # measured over HTTP here with 30 % noise, 90 % load: 1.24x whole calls' mean guarded
-# throughout, 0.70x lifted; a linear curve pays 3-7 % for it).
+# throughout, 0.70x lifted; a linear curve pays 3-12 % of its p99 for it).
 NOISE_ERRORS = 2.0
 MAX_LOAD = 0.9  # the arrival term's 1 / (1 - load) stays finite near saturation
 # A request is urgent once later arrivals have taken this share of its slack: what is left is
