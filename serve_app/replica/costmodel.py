@@ -54,7 +54,7 @@ class Recent:
         self.seen += 1
         if at - self.at > stale_after:  # measured long ago: the machine may have changed since
             self.window.clear()
-            self.samples = 0
+            self.samples, self.error = 0, 0.0
         self.at = at
         if self.seen == 1:
             return
