@@ -114,24 +114,24 @@ class CostModel:
     def measured_s(self, key: Hashable, size: int) -> float | None:
         """The median at exactly this size, None before a sample was kept."""
         costs = self._keys.get(key)
-        average = costs.steps.get(size) if costs else None
-        return average.value if average is not None and average.samples else None
+        recent = costs.steps.get(size) if costs else None
+        return recent.value if recent is not None and recent.samples else None
 
     def step_error_s(self, key: Hashable, size: int) -> float:
         """How uncertain `step_s` is: the standard error of a measured size, a tenth of the
         estimate for one that is not."""
         costs = self._keys.get(key)
-        average = costs.steps.get(size) if costs else None
-        if average is None or average.samples < TRUSTED_SAMPLES:
+        recent = costs.steps.get(size) if costs else None
+        if recent is None or recent.samples < TRUSTED_SAMPLES:
             return 0.1 * self.step_s(key, size)
-        return average.error
+        return recent.error
 
     def trusted(self, key: Hashable, size: int) -> bool:
         costs = self._keys.get(key)
-        average = costs.steps.get(size) if costs else None
-        if average is None or average.samples < TRUSTED_SAMPLES:
+        recent = costs.steps.get(size) if costs else None
+        if recent is None or recent.samples < TRUSTED_SAMPLES:
             return False
-        return costs.observations - average.at <= STALE_AFTER  # type: ignore[union-attr]
+        return costs.observations - recent.at <= STALE_AFTER  # type: ignore[union-attr]
 
     def prepare_s(self, key: Hashable) -> float:
         costs = self._keys.get(key)
