@@ -1,5 +1,6 @@
 """Validate bodies and stream events against OpenAI's official Images/Models schemas
-(../shared/schemas/openai), exactly as published: no enum is widened."""
+(tests/schemas/openai, a verbatim copy of ../shared/schemas/openai kept in the repository so a
+clean clone tests the same), exactly as published: no enum is widened."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 import jsonschema
 from referencing import Registry, Resource
 
-SCHEMA_FILE = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "openai" / "images-schemas.json"
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
+SCHEMA_FILE = SCHEMAS / "openai" / "images-schemas.json"
 
 
 @cache

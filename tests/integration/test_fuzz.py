@@ -1,5 +1,5 @@
 """Fuzzing the real app with schemathesis, driven by OpenAI's published request schemas
-(../shared/schemas/openai/images-schemas.json: `CreateImageRequest`; `CreateImageEditRequest`
+(tests/schemas/openai/images-schemas.json: `CreateImageRequest`; `CreateImageEditRequest`
 as multipart and `EditImageBodyJsonParam` as JSON on /v1/images/edits;
 `CreateImageVariationRequest`) with `model` pinned to a served tiny model. Examples, boundary
 (coverage) and random phases, positive and negative modes. Checks on every case: never a 5xx;
@@ -28,9 +28,9 @@ from PIL import Image
 
 from serve_app.config import load_model_config, parse_size
 from tests.integration.conftest import API_KEY
+from tests.openai_schema import SCHEMA_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
-SCHEMA_FILE = ROOT.parent / "shared" / "schemas" / "openai" / "images-schemas.json"
 MODEL = "tiny-sd"
 # A reference family (multi-image edits, no mask), fuzzed with fewer cases: its routes' own refusals.
 REFERENCE_MODEL = "tiny-flux2"

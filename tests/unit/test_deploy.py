@@ -20,9 +20,10 @@ import yaml
 
 from serve_app.ray_env import RAY_ENV, with_ray_env
 from serve_app.validate import validate_serve_config
+from tests.openai_schema import SCHEMAS
 
 ROOT = Path(__file__).resolve().parents[2]
-CRDS = ROOT.parent / "shared" / "schemas" / "kuberay"
+CRDS = SCHEMAS / "kuberay"
 K8S_VERSION = "1.32"
 VARIANTS = {"production": "serve_config.production.yaml", "dev": "serve_config.yaml"}  # k8s/<variant>
 
