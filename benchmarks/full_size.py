@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/full_size.py --meta              # parameter table, no GPU, ~2 s
     .venv/bin/python benchmarks/full_size.py [--models flux-dev sdxl] [--arms eager yaml compile fp8 flash]
         [--repeats 3]                                            # on a CUDA machine; no download
+    .venv/bin/python benchmarks/full_size.py --curves FILE.yaml [--models ...]   # cost curves (curves.yaml)
 
 Each catalog model is built from serve_app/engine/architectures/ with random weights created
 directly on the GPU in its YAML dtype (speed and memory do not depend on the weights' values),
@@ -12,7 +13,9 @@ reported as skipped, with the reason): cold start (build + options + first call)
 batch 1 (median of --repeats after the first call), images/s at the model's max_batch_size, peak
 memory. The step engine arm (`measure_step_engine`) runs the same pipeline through ArtServe's own
 loop at batch 1/2/4/8 (its cold start is the first step-engine call, weights already built).
-Prints a Markdown table and writes benchmarks/results/full_size-<time>.{md,json}.
+Prints a Markdown table and writes benchmarks/results/full_size-<time>.{md,json}. `--curves`
+instead measures each model's cost curve for the simulator (`measure_curve`: one denoiser step at
+batch 1/2/4/8, prepare and finish per image) into a YAML file in curves.yaml's layout.
 """
 
 from __future__ import annotations
@@ -145,38 +148,49 @@ def _backend_available(backend: str) -> bool:
     return backend not in needs or importlib.util.find_spec(needs[backend]) is not None
 
 
-def measure_step_engine(model_id: str, batch_sizes=(1, 2, 4, 8), repeats: int = 2) -> list[Row]:
-    """The step engine (serve_app/engine/runners: prepare, one denoiser call per step over the
-    batch, finish) at each batch size, on the same random-weight pipeline: s/image at batch 1,
-    images/s per batch, peak memory. The YAML's loading options apply, as in a replica."""
-    import torch
-
+def step_runner(model_id: str):
+    """The model's random-weight pipeline on the GPU with its YAML loading options (as in a
+    replica), and its step runner (serve_app/engine/runners)."""
     from serve_app.engine import full_size, optimize
     from serve_app.engine.pipeline import DTYPES
-    from serve_app.engine.runners import STEP_RUNNERS, ImageSpec
+    from serve_app.engine.runners import STEP_RUNNERS
+
+    config = model_config(model_id)
+    pipeline = full_size.build_pipeline(model_id, "cuda", DTYPES[config.dtype])
+    applied = optimize.apply(pipeline, config.engine, optimize.plan(config.engine, optimize.Hardware.detect()),
+                             "cuda", model_id)
+    return config, STEP_RUNNERS[config.family](pipeline, config, "cuda"), applied
+
+
+def image_specs(config, batch: int, steps: int | None = None, first_seed: int = 0) -> list:
+    """`batch` images of the model's standard preset at its default size (`steps` overrides the preset's)."""
+    from serve_app.engine.runners import ImageSpec
+
+    preset = config.quality_preset("standard")
+    width, height = map(int, config.default_size.split("x"))
+    return [ImageSpec(f"{PROMPT}, take {first_seed + i}", config.default_negative_prompt or None, width, height,
+                      steps or preset.num_inference_steps, preset.guidance_scale, first_seed + i)
+            for i in range(batch)]
+
+
+def measure_step_engine(model_id: str, batch_sizes=(1, 2, 4, 8), repeats: int = 2) -> list[Row]:
+    """The step engine (prepare, one denoiser call per step over the batch, finish) at each batch
+    size, on the same random-weight pipeline: s/image at batch 1, images/s per batch, peak memory."""
+    import torch
+
     from serve_app.engine.runners.base import run_together
 
     config = model_config(model_id)
     preset = config.quality_preset("standard")
-    width, height = map(int, config.default_size.split("x"))
     rows = [Row(model_id, "step engine", config.default_size, preset.num_inference_steps, b) for b in batch_sizes]
     torch.cuda.reset_peak_memory_stats()
     try:
-        pipeline = full_size.build_pipeline(model_id, "cuda", DTYPES[config.dtype])
-        applied = optimize.apply(pipeline, config.engine, optimize.plan(config.engine, optimize.Hardware.detect()),
-                                 "cuda", model_id)
-        runner = STEP_RUNNERS[config.family](pipeline, config, "cuda")
-        negative = config.default_negative_prompt or None
-
-        def specs(batch: int) -> list:
-            return [ImageSpec(PROMPT, negative, width, height, preset.num_inference_steps, preset.guidance_scale, i)
-                    for i in range(batch)]
-
-        rows[0].cold_start_s = timed(lambda: run_together(runner, specs(1)))
+        config, runner, applied = step_runner(model_id)
+        rows[0].cold_start_s = timed(lambda: run_together(runner, image_specs(config, 1)))
         for row in rows:
             row.applied = applied
-            run_together(runner, specs(row.batch))  # warm this batch shape
-            seconds = statistics.median(timed(lambda b=row.batch: run_together(runner, specs(b)))
+            run_together(runner, image_specs(config, row.batch))  # warm this batch shape
+            seconds = statistics.median(timed(lambda b=row.batch: run_together(runner, image_specs(config, b)))
                                         for _ in range(repeats))
             row.images_per_s = row.batch / seconds
             row.s_per_image = seconds if row.batch == 1 else None
@@ -188,6 +202,76 @@ def measure_step_engine(model_id: str, batch_sizes=(1, 2, 4, 8), repeats: int = 
         gc.collect()
         torch.cuda.empty_cache()
     return rows
+
+
+def measure_curve(model_id: str, batch_sizes=(1, 2, 4, 8), repeats: int = 7) -> dict:
+    """The model's cost curve for the simulator (benchmarks/curves.yaml), on this GPU, through
+    its step runner: one denoiser step over each batch size, `prepare` per image (text encoding,
+    first latents; a new prompt each time) and `finish` per image (VAE decode) at batch 1. Every
+    shape is warmed first, then `repeats` rounds run interleaved over all of them and each takes
+    its median: a GPU's clocks ramp up over the first calls, which must not land on one size."""
+    import torch
+
+    started = time.perf_counter()
+    config, runner, applied = step_runner(model_id)
+    build_s = time.perf_counter() - started
+    try:
+        with torch.inference_mode():
+            seeds = iter(range(10**6))
+            prepare = lambda: runner.prepare(image_specs(config, 1, repeats + 2, next(seeds)))  # noqa: E731
+            # Enough steps that none finishes while it is timed.
+            states = {b: runner.prepare(image_specs(config, b, repeats + 2, 100 * b)) for b in batch_sizes}
+            for batch in batch_sizes:
+                runner.step(states[batch])
+            runner.finish(states[batch_sizes[0]])
+            times = {name: [] for name in [*batch_sizes, "prepare", "finish"]}
+            for _ in range(repeats):
+                for batch in batch_sizes:
+                    times[batch].append(timed(lambda s=states[batch]: runner.step(s)))
+                times["prepare"].append(timed(prepare))
+                times["finish"].append(timed(lambda s=states[batch_sizes[0]]: runner.finish(s)))
+            median = {name: round(statistics.median(values), 5) for name, values in times.items()}
+            del states
+        presets = {q: p.num_inference_steps for q, p in config.quality.items() if q in ("standard", "hd", "low")}
+        return {"kind": "measured",
+                "source": f"benchmarks/full_size.py --curves, {environment()['date']}, {torch.cuda.get_device_name()}, "
+                          f"torch {torch.__version__}, random weights at {config.dtype}, {config.default_size}, "
+                          f"eager (no compile), options {applied}, median of {repeats} interleaved rounds; "
+                          f"built in {build_s:.0f} s, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB",
+                "step_s": {b: median[b] for b in batch_sizes}, "prepare_s": median["prepare"],
+                "finish_s": median["finish"],
+                "steps": presets, "cap": config.batching.max_batch_size}
+    finally:
+        runner = None
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def write_curves(models: list[str], path: Path) -> None:
+    """Measure each model's curve (`measure_curve`) and rewrite `path` (curves.yaml's layout)
+    after each, so a run cut short keeps what it measured; a model that fails is noted, not fatal."""
+    import torch
+    import yaml
+
+    curves, failed = {}, {}
+    for model_id in models:
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            curves[f"{model_id}-{gpu_tag()}"] = measure_curve(model_id)
+        except Exception as error:
+            failed[model_id] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        gc.collect()
+        torch.cuda.empty_cache()
+        path.write_text(yaml.safe_dump({"curves": curves, "failed": failed}, sort_keys=False, width=110))
+        print(f"{model_id}: {curves.get(f'{model_id}-{gpu_tag()}', {}).get('step_s') or failed[model_id]}",
+              flush=True)
+
+
+def gpu_tag() -> str:
+    """`h200` from "NVIDIA H200", `h100` from "NVIDIA H100 80GB HBM3": the curve names' suffix."""
+    import torch
+
+    return next((w.lower() for w in torch.cuda.get_device_name().split() if any(c.isdigit() for c in w)), "gpu")
 
 
 def meta_table() -> str:
@@ -248,6 +332,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(CATALOG), choices=CATALOG)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--curves", type=Path, metavar="YAML",
+                        help="measure each model's step cost curve for the simulator into this file instead")
     args = parser.parse_args()
 
     env = environment()
@@ -261,6 +347,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --meta for the parameter table")
     print(f"{env}\n", flush=True)
+    if args.curves:
+        write_curves(args.models, args.curves)
+        return
     rows: list[Row] = []
     for model_id in args.models:
         for arm in args.arms:
