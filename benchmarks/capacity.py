@@ -2,6 +2,7 @@
 of images at a p99 target, per policy (the tables of docs/capacity.md).
 
     .venv/bin/python benchmarks/capacity.py [--rates 10 100 1000] [--requests 3000]     # ~2 min
+    .venv/bin/python benchmarks/capacity.py --gpu h200     # every model with a curve measured on that GPU
 
 Each replica is simulated (benchmarks/simulate.py, the real scheduler) with its model's curve
 from benchmarks/curves.yaml, mixed presets (standard/hd/low = 50/30/20 %, one image each),
@@ -66,11 +67,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rates", nargs="+", type=float, default=[10, 100, 1000], help="images per minute")
     parser.add_argument("--requests", type=int, default=3000, help="simulated per point")
+    parser.add_argument("--gpu", help="instead of each model's accelerator, the curves named <model>-<gpu>")
     args = parser.parse_args()
     curves = simulate.load_curves()
+    catalog = CATALOG
+    if args.gpu:
+        suffix = f"-{args.gpu}"
+        catalog = {name.removesuffix(suffix): name for name in curves if name.endswith(suffix)}
     lines = ["| model (curve) | p99 target s | images/min | replicas (p99 s / mean s): " + " | ".join(ARMS)
              + " | ongoing per replica (cost) |", "|---" * (4 + len(ARMS)) + "|"]
-    for model, name in CATALOG.items():
+    for model, name in catalog.items():
         curve = curves[name]
         target_s = TARGET_FACTOR * curve.service_s(curve.steps["hd"])
         for rate in args.rates:
