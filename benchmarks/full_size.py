@@ -214,6 +214,7 @@ def measure_curve(model_id: str, batch_sizes=(1, 2, 4, 8), repeats: int = 7) -> 
 
     started = time.perf_counter()
     config, runner, applied = step_runner(model_id)
+    torch.cuda.synchronize()  # the random weights are made by kernels still queued
     build_s = time.perf_counter() - started
     try:
         with torch.inference_mode():
