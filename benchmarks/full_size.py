@@ -206,10 +206,12 @@ def measure_step_engine(model_id: str, batch_sizes=(1, 2, 4, 8), repeats: int = 
 
 def measure_curve(model_id: str, batch_sizes=(1, 2, 4, 8), repeats: int = 7) -> dict:
     """The model's cost curve for the simulator (benchmarks/curves.yaml), on this GPU, through
-    its step runner: one denoiser step over each batch size, `prepare` per image (text encoding,
-    first latents; a new prompt each time) and `finish` per image (VAE decode) at batch 1. Every
-    shape is warmed first, then `repeats` rounds run interleaved over all of them and each takes
-    its median: a GPU's clocks ramp up over the first calls, which must not land on one size."""
+    its step runner, at each batch size: one denoiser step, one `prepare` (text encoding, first
+    latents; new prompts each time) and one `finish` (VAE decode) over that many images, as the
+    step loop runs them (the images it admits at a boundary are prepared in one call, those that
+    finish together decoded in one). Every shape is warmed first, then `repeats` rounds run
+    interleaved over all of them and each takes its median: a GPU's clocks ramp up over the first
+    calls, which must not land on one size."""
     import torch
 
     started = time.perf_counter()
@@ -218,19 +220,19 @@ def measure_curve(model_id: str, batch_sizes=(1, 2, 4, 8), repeats: int = 7) -> 
     build_s = time.perf_counter() - started
     try:
         with torch.inference_mode():
-            seeds = iter(range(10**6))
-            prepare = lambda: runner.prepare(image_specs(config, 1, repeats + 2, next(seeds)))  # noqa: E731
+            seeds = iter(range(0, 10**9, 100))
+            prepare = lambda b: runner.prepare(image_specs(config, b, repeats + 2, next(seeds)))  # noqa: E731
             # Enough steps that none finishes while it is timed.
-            states = {b: runner.prepare(image_specs(config, b, repeats + 2, 100 * b)) for b in batch_sizes}
+            states = {b: prepare(b) for b in batch_sizes}
             for batch in batch_sizes:
                 runner.step(states[batch])
-            runner.finish(states[batch_sizes[0]])
-            times = {name: [] for name in [*batch_sizes, "prepare", "finish"]}
+                runner.finish(states[batch])
+            times = {(part, b): [] for part in ("step", "prepare", "finish") for b in batch_sizes}
             for _ in range(repeats):
                 for batch in batch_sizes:
-                    times[batch].append(timed(lambda s=states[batch]: runner.step(s)))
-                times["prepare"].append(timed(prepare))
-                times["finish"].append(timed(lambda s=states[batch_sizes[0]]: runner.finish(s)))
+                    times["step", batch].append(timed(lambda s=states[batch]: runner.step(s)))
+                    times["prepare", batch].append(timed(lambda b=batch: prepare(b)))
+                    times["finish", batch].append(timed(lambda s=states[batch]: runner.finish(s)))
             median = {name: round(statistics.median(values), 5) for name, values in times.items()}
             del states
         presets = {q: p.num_inference_steps for q, p in config.quality.items() if q in ("standard", "hd", "low")}
@@ -239,8 +241,9 @@ def measure_curve(model_id: str, batch_sizes=(1, 2, 4, 8), repeats: int = 7) -> 
                           f"torch {torch.__version__}, random weights at {config.dtype}, {config.default_size}, "
                           f"eager (no compile), options {applied}, median of {repeats} interleaved rounds; "
                           f"built in {build_s:.0f} s, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB",
-                "step_s": {b: median[b] for b in batch_sizes}, "prepare_s": median["prepare"],
-                "finish_s": median["finish"],
+                "step_s": {b: median["step", b] for b in batch_sizes},
+                "prepare_s": {b: median["prepare", b] for b in batch_sizes},  # one call over b images
+                "finish_s": {b: median["finish", b] for b in batch_sizes},
                 "steps": presets, "cap": config.batching.max_batch_size}
     finally:
         runner = None

@@ -6,8 +6,8 @@ Per tiny model at its 256² default, through its step runner (what a replica run
 denoiser step over 1, 2, 4 and 8 images (rounds interleaved over the sizes; the fastest
 round of each: on a shared machine a neighbour only ever adds time, so the minimum is the
 device's own cost, and the medians are printed beside it),
-`prepare` per image (text encoding, first latents; a new prompt each time, as every
-request brings its own) and `finish` per image (VAE decode). Then the whole-call path
+one `prepare` (text encoding, first latents; new prompts each time, as every request brings
+its own) and one `finish` (VAE decode) over as many images, as the step loop calls them. Then the whole-call path
 (`pipeline(...)`) at batch 1 and 4 with 2 and 12 steps, whose difference gives its own
 seconds per step and per-call overhead. Prints YAML to paste into curves.yaml.
 """
@@ -50,16 +50,18 @@ def measure(model_id: str, size: int, rounds: int) -> dict:
         return [ImageSpec(next(prompts), None, size, size, steps, preset.guidance_scale, i) for i in range(count)]
 
     step_s: dict[int, list[float]] = {b: [] for b in SIZES}
-    prepare_s, finish_s = [], []
+    prepare_s: dict[int, list[float]] = {b: [] for b in SIZES}
+    finish_s: dict[int, list[float]] = {b: [] for b in SIZES}
     with torch.inference_mode():
         states = {b: runner.prepare(specs(b)) for b in SIZES}
         for b in SIZES:  # warm every shape
             runner.step(states[b])
+            runner.finish(states[b])
         for _ in range(rounds):
             for b in SIZES:
                 step_s[b].append(timed(lambda b=b: runner.step(states[b])))
-            prepare_s.append(timed(lambda: runner.prepare(specs(1))))
-            finish_s.append(timed(lambda: runner.finish(states[1])))
+                prepare_s[b].append(timed(lambda b=b: runner.prepare(specs(b))))
+                finish_s[b].append(timed(lambda b=b: runner.finish(states[b])))
         call = {}
         for b in (1, 4):
             for steps in (2, 12):
@@ -71,8 +73,8 @@ def measure(model_id: str, size: int, rounds: int) -> dict:
     return {
         "step_s": {b: round(min(v), 5) for b, v in step_s.items()},
         "median_step_s": {b: round(median(v), 5) for b, v in step_s.items()},
-        "prepare_s": round(min(prepare_s), 5),
-        "finish_s": round(min(finish_s), 5),
+        "prepare_s": {b: round(min(v), 5) for b, v in prepare_s.items()},  # one call over b images
+        "finish_s": {b: round(min(v), 5) for b, v in finish_s.items()},
         # the pipeline's own loop: seconds per step at batch 1 and 4, and the rest of a call
         "call_step_s": {b: round((call[b, 12] - call[b, 2]) / 10, 5) for b in (1, 4)},
         "call_fixed_s": {b: round(call[b, 2] - 2 * (call[b, 12] - call[b, 2]) / 10, 5) for b in (1, 4)},

@@ -11,9 +11,11 @@ deterministic, 10,000 requests in seconds.
 The replica it models is the one serve_app runs: requests beyond `max_ongoing_requests`
 (Serve's default here: 2 x cap + 2) wait in Serve's first-come-first-served queue outside
 the scheduler, beyond `max_queued_requests` (8 x cap) they are refused (429); admitted
-images are prepared (text encoding: `prepare_s` each), stepped (one call of the curve's
-cost at the batch's size) and finished (VAE decode: `finish_s` each) on one device, in the
-order the scheduler says. Whole calls (`call`) run prepare, every step and finish in one
+images are prepared (text encoding: the images admitted at a boundary in one call, of
+`prepare_s` seconds an image, or of the curve's measured seconds by number of images),
+stepped (one call of the curve's cost at the batch's size) and finished (VAE decode: those
+that finish together in one call, `finish_s` likewise) on one device, in the order the
+scheduler says. Whole calls (`call`) run prepare, every step and finish in one
 call. `--load` is a fraction of capacity, defined once for both this and the HTTP benchmark:
 the requests per second whole calls (first come first served, batches up to the cap) serve
 in a closed loop of 8 clients for the same mix.
@@ -34,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from serve_app.replica.costmodel import CostModel, interpolate
+from serve_app.replica.costpolicy import calls
 from serve_app.replica.scheduler import StepScheduler, Ticket
 
 CURVES = Path(__file__).with_name("curves.yaml")
@@ -47,8 +50,8 @@ class Curve:
 
     name: str
     points: tuple[tuple[int, float], ...]  # (batch size, seconds per denoiser call)
-    prepare_s: float = 0.0
-    finish_s: float = 0.0
+    prepare_s: float | dict[int, float] = 0.0  # seconds an image, or images -> seconds of one call
+    finish_s: float | dict[int, float] = 0.0
     steps: dict[str, int] = field(default_factory=lambda: {"standard": 28})  # preset -> steps
     cap: int = 4
     kind: str = "given"  # measured | published | derived
@@ -57,10 +60,21 @@ class Curve:
     def step_s(self, size: int) -> float:
         return interpolate(list(self.points), size)
 
+    def prepare(self, images: int) -> float:
+        """Seconds of one prepare call over `images` images."""
+        return per_call_s(self.prepare_s, images)
+
+    def finish(self, images: int) -> float:
+        return per_call_s(self.finish_s, images)
+
     def service_s(self, steps: int, n: int = 1, cap: int | None = None) -> float:
         """One request alone: its images in calls of at most `cap`."""
-        cap = cap or self.cap
-        return steps * self.step_s(min(n, cap)) * math.ceil(n / cap) + n * (self.prepare_s + self.finish_s)
+        sizes = calls(n, cap or self.cap)
+        return sum(steps * self.step_s(size) + self.prepare(size) + self.finish(size) for size in sizes)
+
+
+def per_call_s(cost: float | dict[int, float], images: int) -> float:
+    return interpolate(sorted(cost.items()), images) if isinstance(cost, dict) else cost * images
 
 
 @dataclass(frozen=True)
@@ -145,12 +159,12 @@ def simulate(requests: list[Request], curve: Curve, policy: str, *, cap: int | N
         plan = scheduler.plan(t, costs)
         batch = plan.batch
         if plan.admit and not whole:
-            seconds = jitter(curve.prepare_s * len(plan.admit))
+            seconds = jitter(curve.prepare(len(plan.admit)))
             costs.observe_prepare(plan.admit[0].key, len(plan.admit), seconds)
             t += seconds
         size = len(batch)
         steps = batch[0].steps if whole else 1
-        seconds = jitter(steps * curve.step_s(size) + (size * (curve.prepare_s + curve.finish_s) if whole else 0))
+        seconds = jitter(steps * curve.step_s(size) + (curve.prepare(size) + curve.finish(size) if whole else 0))
         costs.observe_step(batch[0].key, size, seconds)
         scheduler.stepped(batch)
         t += seconds
@@ -159,7 +173,7 @@ def simulate(requests: list[Request], curve: Curve, policy: str, *, cap: int | N
         if not finished:
             continue
         if not whole:
-            seconds = jitter(curve.finish_s * len(finished))
+            seconds = jitter(curve.finish(len(finished)))
             costs.observe_finish(finished[0].key, len(finished), seconds)
             t += seconds
         scheduler.finished(finished)
@@ -202,9 +216,15 @@ def load_curves(path: Path = CURVES) -> dict[str, Curve]:
 
     data = yaml.safe_load(path.read_text())
     return {name: Curve(name, tuple(sorted((int(b), float(s)) for b, s in c["step_s"].items())),
-                        c.get("prepare_s", 0.0), c.get("finish_s", 0.0), dict(c["steps"]), c.get("cap", 4),
+                        per_image_or_calls(c.get("prepare_s", 0.0)), per_image_or_calls(c.get("finish_s", 0.0)),
+                        dict(c["steps"]), c.get("cap", 4),
                         c["kind"], c["source"])
             for name, c in data["curves"].items()}
+
+
+def per_image_or_calls(cost) -> float | dict[int, float]:
+    """curves.yaml: seconds an image, or {images: seconds of one call} where measured by size."""
+    return {int(k): float(v) for k, v in cost.items()} if isinstance(cost, dict) else float(cost)
 
 
 def parse_pairs(text: str, key=str, value=float) -> dict:

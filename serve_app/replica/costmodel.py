@@ -2,18 +2,23 @@
 (no torch, no Ray, no clock): the loop reports seconds, the scheduler asks for estimates.
 
 Per batch key (size, CFG on/off) and batch size, the median of the last `WINDOW` seconds
-one denoiser call took; per key, the seconds per image of `prepare` (text encoding, first
-latents) and of `finish` (VAE decode), the same way. A median, not a moving average: on a
-shared machine a step's wall time has a long tail (another process took the core), and over
-HTTP here a moving average of the batch-2 steps read 41.6 ms where their median was 22.3 and
-their mean 25.8 (a few recent outliers): two images looked 3.8x one, not 1.7x, and the cost
-policy served about one image at a time (benchmarks/README.md, "Medians, and the noise guard
-under load"). An estimate for a batch size not measured yet is linear from the nearest
-measured size (the pessimistic guess: batching saves nothing until it is seen to), and
-interpolated between measured sizes; no size is estimated dearer than a bigger one measured
+one denoiser call took; per key and number of images, the seconds one `prepare` (text
+encoding, first latents) and one `finish` (VAE decode) over that many images took, the same
+way: the loop prepares the images it admits at a boundary in one call and decodes those that
+finish together in one call, and where that is sublinear (a launch-bound encoder or VAE on a
+GPU; on this CPU it is about linear) a newcomer admitted beside others costs less than alone.
+A median, not a moving average: on a shared machine a step's wall time has a long tail
+(another process took the core), and over HTTP here a moving average of the batch-2 steps
+read 41.6 ms where their median was 22.3 and their mean 25.8 (a few recent outliers): two
+images looked 3.8x one, not 1.7x, and the cost policy served about one image at a time
+(benchmarks/README.md, "Medians, and the noise guard under load"). An estimate for a batch
+size not measured yet is linear from the nearest measured size (the pessimistic guess:
+batching saves nothing until it is seen to), and interpolated between measured sizes
+(prepares and decodes likewise); no size is estimated dearer than a bigger one measured
 (`monotone`). A key never measured borrows the per-image cost of the keys that were.
 
-The first sample of every (key, size) is dropped: the first call at a new shape pays for
+The first sample of every (key, size) is dropped (of prepares and decodes, only the key's
+first: `observe_call`): the first call at a new shape pays for
 allocation, kernel autotuning or compilation (seconds, under torch.compile) and would make
 a size look ruinous forever. A size is `trusted` once it has `TRUSTED_SAMPLES` samples and
 was measured recently (within `STALE_AFTER` of the key's other observations): the cost
@@ -68,9 +73,9 @@ class Recent:
 
 @dataclass
 class KeyCosts:
-    steps: dict[int, Recent]
-    prepare: Recent
-    finish: Recent
+    steps: dict[int, Recent]  # batch size -> one denoiser call
+    prepare: dict[int, Recent] = field(default_factory=dict)  # images -> one prepare call over them
+    finish: dict[int, Recent] = field(default_factory=dict)  # images -> one decode over them
     observations: int = 0
     curve: list[tuple[int, float]] | None = None  # measured (size, seconds), sorted; None: recompute
     estimates: dict[int, float] = field(default_factory=dict)  # step_s by size, from `curve`
@@ -92,10 +97,10 @@ class CostModel:
         costs.estimates.clear()
 
     def observe_prepare(self, key: Hashable, images: int, seconds: float) -> None:
-        self._entry(key).prepare.add(seconds / images, 0)
+        observe_call(self._entry(key).prepare, images, seconds)
 
     def observe_finish(self, key: Hashable, images: int, seconds: float) -> None:
-        self._entry(key).finish.add(seconds / images, 0)
+        observe_call(self._entry(key).finish, images, seconds)
 
     # -- what the scheduler asks ------------------------------------------------------
     def step_s(self, key: Hashable, size: int) -> float:
@@ -133,30 +138,33 @@ class CostModel:
             return False
         return costs.observations - recent.at <= STALE_AFTER  # type: ignore[union-attr]
 
-    def prepare_s(self, key: Hashable) -> float:
+    def prepare_s(self, key: Hashable, images: int = 1) -> float:
+        """Estimated seconds of one prepare over `images` images of this key (0 before any)."""
         costs = self._keys.get(key)
-        return costs.prepare.value if costs and costs.prepare.samples else 0.0
+        return per_call(costs.prepare, images) if costs else 0.0
 
-    def finish_s(self, key: Hashable) -> float:
+    def finish_s(self, key: Hashable, images: int = 1) -> float:
+        """Estimated seconds of one decode over `images` images of this key (0 before any)."""
         costs = self._keys.get(key)
-        return costs.finish.value if costs and costs.finish.samples else 0.0
+        return per_call(costs.finish, images) if costs else 0.0
 
     # -- what operators see -----------------------------------------------------------
     def snapshot(self) -> list[dict[str, Any]]:
-        """Per key: measured step seconds by batch size (with sample counts), prepare and
-        finish seconds per image. For the replica's stats and the benchmarks."""
+        """Per key: measured step seconds by batch size (with sample counts), the estimated
+        prepare and finish seconds of one image, and what one prepare / decode call measured by
+        its number of images. For the replica's stats and the benchmarks."""
         return [
-            {"key": describe_key(key),
-             "step_s": {size: round(a.value, 6) for size, a in sorted(c.steps.items()) if a.samples},
+            {"key": describe_key(key), "step_s": measured(c.steps),
              "samples": {size: a.samples for size, a in sorted(c.steps.items()) if a.samples},
-             "prepare_s": round(c.prepare.value, 6), "finish_s": round(c.finish.value, 6)}
+             "prepare_s": round(per_call(c.prepare, 1), 6), "finish_s": round(per_call(c.finish, 1), 6),
+             "prepare_calls_s": measured(c.prepare), "finish_calls_s": measured(c.finish)}
             for key, c in self._keys.items()
         ]
 
     def _entry(self, key: Hashable) -> KeyCosts:
         costs = self._keys.get(key)
         if costs is None:
-            costs = self._keys[key] = KeyCosts({}, Recent(), Recent())
+            costs = self._keys[key] = KeyCosts({})
             if len(self._keys) > self._max_keys:
                 self._keys.popitem(last=False)
         self._keys.move_to_end(key)
@@ -165,6 +173,24 @@ class CostModel:
     def _borrowed_per_image(self) -> float:
         per_image = [a.value / s for c in self._keys.values() for s, a in c.steps.items() if a.samples]
         return sum(per_image) / len(per_image) if per_image else DEFAULT_STEP_S
+
+
+def measured(sizes: dict[int, Recent]) -> dict[int, float]:
+    return {size: round(a.value, 6) for size, a in sorted(sizes.items()) if a.samples}
+
+
+def observe_call(sizes: dict[int, Recent], images: int, seconds: float) -> None:
+    """A prepare or decode over `images` images: the key's first one is warm-up (dropped); a
+    new number of images after it is measured from its first call (a prepare's shapes follow
+    its prompts anyway, and the loop's prepares come in many sizes: dropping each size's first
+    would lose most of them)."""
+    sizes.setdefault(images, Recent(seen=1 if sizes else 0)).add(seconds, 0)
+
+
+def per_call(sizes: dict[int, Recent], images: int) -> float:
+    """Seconds of one call over `images` images from the sizes measured (0 before any)."""
+    curve = monotone(sorted((s, a.value) for s, a in sizes.items() if a.samples))
+    return interpolate(curve, images) if curve else 0.0
 
 
 def monotone(curve: list[tuple[int, float]]) -> list[tuple[int, float]]:

@@ -26,7 +26,9 @@ So, at every step boundary:
    curve that is one request at a time; on a sublinear one (this CPU's tiny models, a GPU
    with small work) the batch follows the curve, up to the cap. The other half of an urgent
    request's slack is what newcomers sharing its steps may spend: one whose prepare and decode
-   (the loop runs them between steps) would take more than is left is passed over, so a
+   (the loop runs them between steps; its prepare counted as what it adds to the one prepare
+   call over the boundary's newcomers, from the measured cost by number of images) would take
+   more than is left is passed over, so a
    stream of short requests, each prepared and decoded while it shares the urgent one's
    steps, cannot push it past its bound. Once the slack is gone (an overloaded replica) the
    guard lifts: refusing newcomers then would only turn a sublinear device into one that
@@ -65,7 +67,7 @@ class Group:
 
     tickets: list[Ticket]
     steps_left: int = 0
-    extra_s: float = 0.0  # prepare + finish of its images
+    extra_s: float = 0.0  # prepare + finish of its images (in calls of at most the cap)
     remaining_s: float = 0.0  # alone, from where it is
     service_s: float = 0.0  # alone, from the start
     slack_s: float = math.inf  # how much longer later arrivals may still delay it
@@ -128,6 +130,7 @@ class CostPolicy:
         # still pending already count against urgent requests' slack (the cautious side).
         joining: list[Ticket] = []
         newcomers = 0
+        admitting = sum(1 for t in batch if id(t) not in prepared)  # prepared in one call before the step
         for position, group in enumerate(order[1:], start=2):
             if len(batch) + len(joining) == self.cap:
                 break
@@ -136,13 +139,14 @@ class CostPolicy:
             # The loop prepares a newcomer before the next step and decodes it between later ones
             # (if it finishes first): an urgent request waits for both, from what is left of its
             # slack. None left (spent, or max_wait_factor 0): sharing goes on where it pays.
-            delays = [self._delay_s(group, urgent, costs, prepared) for urgent, _ in spare]
+            delays = [self._delay_s(group, urgent, costs, prepared, admitting) for urgent, _ in spare]
             if any(0 < left < delay for (_, left), delay in zip(spare, delays, strict=True)):
                 continue
             spare = [(urgent, left - delay) for (urgent, left), delay in zip(spare, delays, strict=True)]
             if group.urgent:
                 spare.append((group, group.slack_s))
             joining, newcomers = joining + group.tickets, newcomers + 1
+            admitting += 0 if id(group.tickets[0]) in prepared else len(group.tickets)
             if sharing_pays(costs, group.costs_as, len(batch), len(joining), requests,
                             behind=len(order) - position + coming, newcomers=newcomers, guarded=load < 1):
                 batch, joining, requests, newcomers = batch + joining, [], requests + newcomers, 0
@@ -150,22 +154,25 @@ class CostPolicy:
         return batch
 
     @staticmethod
-    def _delay_s(joiner: Group, urgent: Group, costs: Costs, prepared: set[int]) -> float:
+    def _delay_s(joiner: Group, urgent: Group, costs: Costs, prepared: set[int], admitting: int) -> float:
         """The loop's work for `joiner`'s images that `urgent` waits for: preparing them (unless
-        prepared), and decoding them if they finish before it (images that finish with it are
+        prepared: what they add to the one prepare call over the `admitting` images already
+        chosen), and decoding them if they finish before it (images that finish with it are
         decoded in the same call as its own, batched: not counted)."""
         images, key = len(joiner.tickets), joiner.costs_as
-        delay_s = 0.0 if id(joiner.tickets[0]) in prepared else images * costs.prepare_s(key)
+        delay_s = 0.0 if id(joiner.tickets[0]) in prepared else \
+            costs.prepare_s(key, admitting + images) - costs.prepare_s(key, admitting)
         if joiner.steps_left < urgent.steps_left:
-            delay_s += images * costs.finish_s(key)
+            delay_s += costs.finish_s(key, images)
         return delay_s
 
     def _assess(self, group: Group, costs: Costs, known: dict) -> None:
-        """Seconds of a request's images run together (in calls of at most `cap`)."""
+        """Seconds of a request's images alone (in calls of at most `cap`)."""
         key, n = group.costs_as, len(group.tickets)
         if (key, n) not in known:  # (seconds a step, seconds outside steps) per request size
-            known[key, n] = (costs.step_s(key, min(n, self.cap)) * math.ceil(n / self.cap),
-                             n * (costs.prepare_s(key) + costs.finish_s(key)))
+            sizes = calls(n, self.cap)
+            known[key, n] = (sum(costs.step_s(key, size) for size in sizes),
+                             sum(costs.prepare_s(key, size) + costs.finish_s(key, size) for size in sizes))
         per_step, group.extra_s = known[key, n]
         group.steps_left = max(t.steps - t.done for t in group.tickets)
         group.service_s = group.tickets[0].steps * per_step + group.extra_s
@@ -201,6 +208,12 @@ class CostPolicy:
         rate = 1 / self._gap_s
         load = rate * sum(g.service_s for g in order) / len(order)
         return rate * sum(g.remaining_s for g in order) / (1 - min(MAX_LOAD, load)), load
+
+
+def calls(images: int, cap: int) -> list[int]:
+    """A request's images run in calls of at most `cap`, the first ones full."""
+    full, rest = divmod(images, cap)
+    return [cap] * full + ([rest] if rest else [])
 
 
 def delayed(group: Group, images: list[tuple[int, str]], costs: Costs) -> float:

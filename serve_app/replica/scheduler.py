@@ -69,9 +69,9 @@ class Costs(Protocol):
 
     def step_error_s(self, key: Hashable, size: int) -> float: ...
 
-    def prepare_s(self, key: Hashable) -> float: ...
+    def prepare_s(self, key: Hashable, images: int = 1) -> float: ...  # one prepare call over `images`
 
-    def finish_s(self, key: Hashable) -> float: ...
+    def finish_s(self, key: Hashable, images: int = 1) -> float: ...  # one decode over `images`
 
     def trusted(self, key: Hashable, size: int) -> bool: ...
 
@@ -85,10 +85,10 @@ class UnitCosts:
     def step_error_s(self, key: Hashable, size: int) -> float:
         return 0.0
 
-    def prepare_s(self, key: Hashable) -> float:
+    def prepare_s(self, key: Hashable, images: int = 1) -> float:
         return 0.0
 
-    def finish_s(self, key: Hashable) -> float:
+    def finish_s(self, key: Hashable, images: int = 1) -> float:
         return 0.0
 
     def trusted(self, key: Hashable, size: int) -> bool:

@@ -54,4 +54,5 @@ def test_cost_curve_of_sdxl_turbo():
     # At 512² one image leaves a GPU idle (an H200, eager: 53 ms a step for 1 image, 52 ms for 4):
     # four images in one call cost less than four calls, the sublinear curve batching pays on.
     assert 0 < curve["step_s"][4] < 4 * curve["step_s"][1]
-    assert curve["prepare_s"] > 0 and curve["finish_s"] > 0
+    # one prepare and one decode call by number of images, as the step loop runs them
+    assert all(curve[part][b] > 0 for part in ("prepare_s", "finish_s") for b in (1, 4))

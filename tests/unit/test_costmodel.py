@@ -80,14 +80,21 @@ def test_the_error_of_an_estimate_follows_the_spread_of_its_samples():
     assert steady.step_error_s(KEY, 4) == pytest.approx(0.1 * 4.0)  # not measured: a tenth of the guess
 
 
-def test_prepare_and_finish_are_seconds_per_image():
+def test_prepare_and_finish_are_learned_per_call_by_number_of_images():
     costs = CostModel()
-    for seconds in (5.0, 0.3, 0.3):
+    for seconds in (5.0, 0.3, 0.3):  # the key's first call is warm-up
         costs.observe_prepare(KEY, 3, seconds)
         costs.observe_finish(KEY, 2, seconds)
-    assert costs.prepare_s(KEY) == pytest.approx(0.1)
+    assert costs.prepare_s(KEY, 3) == pytest.approx(0.3)
+    assert costs.prepare_s(KEY) == pytest.approx(0.1)  # one image: linear from the one size measured
     assert costs.finish_s(KEY) == pytest.approx(0.15)
-    assert CostModel().prepare_s(KEY) == 0.0
+    assert CostModel().prepare_s(KEY) == 0.0 and CostModel().finish_s(KEY, 4) == 0.0
+    costs.observe_prepare(KEY, 1, 0.2)  # a new number of images: its first call counts
+    assert [costs.prepare_s(KEY, n) for n in (1, 2, 3, 6)] == pytest.approx([0.2, 0.25, 0.3, 0.6])
+    costs.observe_finish(KEY, 1, 0.5)  # dearer than two measured: capped there (`monotone`)
+    assert costs.finish_s(KEY, 1) == pytest.approx(0.3)
+    row = costs.snapshot()[0]
+    assert row["prepare_calls_s"] == {1: 0.2, 3: 0.3} and row["prepare_s"] == 0.2
 
 
 def test_keys_are_bounded_least_recently_seen_forgotten():
@@ -103,6 +110,7 @@ def test_snapshot_for_the_replica_stats():
     costs.observe_finish(KEY, 1, 0.02)
     costs.observe_finish(KEY, 1, 0.02)
     assert costs.snapshot() == [{"key": "256x256", "step_s": {1: 0.01, 4: 0.03}, "samples": {1: 2, 4: 1},
-                                 "prepare_s": 0.0, "finish_s": 0.02}]
+                                 "prepare_s": 0.0, "finish_s": 0.02,
+                                 "prepare_calls_s": {}, "finish_calls_s": {1: 0.02}}]
     assert describe_key((512, 512, True)) == "512x512+cfg"
     assert describe_key((256, 256, 28, 3.5)) == "256/256/28/3.5"

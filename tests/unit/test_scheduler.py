@@ -108,9 +108,10 @@ def test_idle_only_when_nothing_waits_or_runs():
 class Curve:
     """Costs as the scheduler sees them: `step(size)` seconds a denoiser call, all trusted."""
 
-    def __init__(self, step, prepare_s: float = 0.0, finish_s: float = 0.0):
+    def __init__(self, step, prepare_s: float = 0.0, finish_s: float = 0.0, prepare=None):
         self.step = step
-        self.prepare, self.finish = prepare_s, finish_s
+        self.finish = finish_s
+        self.prepare = prepare or (lambda images: prepare_s * images)  # one call over `images`
 
     def step_s(self, key, size):
         return self.step(size)
@@ -118,11 +119,11 @@ class Curve:
     def step_error_s(self, key, size):
         return 0.0
 
-    def prepare_s(self, key):
-        return self.prepare
+    def prepare_s(self, key, images=1):
+        return self.prepare(images)
 
-    def finish_s(self, key):
-        return self.finish
+    def finish_s(self, key, images=1):
+        return self.finish * images
 
     def trusted(self, key, size):
         return True
@@ -318,7 +319,7 @@ def test_a_long_request_keeps_its_bound_while_short_ones_share_its_steps():
                 arrived = now
             plan = s.plan(now, sub)
             shared |= "long#0" in ids(plan.batch) and len(plan.batch) > 1
-            now += sub.prepare * len(plan.admit) + sub.step(len(plan.batch))
+            now += sub.prepare(len(plan.admit)) + sub.step(len(plan.batch))
             s.stepped(plan.batch)
             done = [t for t in plan.batch if t.done >= t.steps]
             now += sub.finish * len(done)
@@ -333,6 +334,28 @@ def test_a_long_request_keeps_its_bound_while_short_ones_share_its_steps():
         took, shared = run(factor)
         assert shared, factor  # it did share steps: the bound held with sharing, not by refusing it
         assert took <= 8 * short_s + (1 + factor) * long_s, (factor, took)
+
+
+def test_an_urgent_request_is_charged_what_newcomers_add_to_one_prepare_call():
+    """Newcomers admitted at one boundary are prepared in one call: what each one delays an
+    urgent request is what it adds to that call, from the measured cost by number of images.
+    Where preparing three costs what one does (a launch-bound text encoder on a GPU), all
+    three share the urgent request's steps within its reserve; where it is linear, one."""
+
+    def batch_beside_urgent(prepare) -> list[str]:
+        s = StepScheduler(5, "cost", max_wait_factor=1.0)
+        s.submit(cost_tickets("long", 10))  # alone 10 s: its slack 10 s, urgent at 5 s left
+        s.stepped(s.plan(0.0, LINEAR).batch)
+        s.submit(cost_tickets("short", 8, at=1.0))
+        for now in range(1, 6):  # the short overtakes it on the linear curve: 5 s of its slack
+            batch = s.plan(float(now), LINEAR).batch
+            assert ids(batch) == ["short#0"]
+            s.stepped(batch)
+        s.submit(cost_tickets("a", 20, at=6.0) + cost_tickets("b", 20, at=6.0) + cost_tickets("c", 20, at=6.0))
+        return ids(s.plan(6.0, Curve(lambda b: 1.0 + 0.05 * b, prepare=prepare)).batch)
+
+    assert batch_beside_urgent(lambda images: 3.0 * images) == ["long#0", "short#0", "a#0"]
+    assert batch_beside_urgent(lambda images: 3.0 if images else 0.0) == ["long#0", "short#0", "a#0", "b#0", "c#0"]
 
 
 def test_cost_cancellation_evicts_running_and_paused_images():

@@ -56,6 +56,25 @@ def test_capacity_is_whole_calls_in_a_closed_loop():
     assert simulate.capacity_rps(flat, {"standard": 1.0}) == pytest.approx(4.0, rel=1e-6)  # 4 per call
 
 
+@pytest.mark.parametrize("policy", ["fixed", "call"])
+def test_images_prepared_and_decoded_together_cost_one_call_of_their_measured_size(policy, tmp_path):
+    """Four requests at once, admitted together: per image (a float) the prepare and the decode
+    cost 4 x one; by number of images (curves.yaml's dict, as full_size.py --curves measures
+    it) one call of 4 costs what it measured."""
+    text = "curves:\n  c:\n    kind: measured\n    source: test\n    step_s: {1: 0.1, 4: 0.1}\n" \
+           "    prepare_s: {1: 0.5, 4: 0.8}\n    finish_s: {1: 0.3, 8: 0.6}\n    steps: {standard: 10}\n"
+    (tmp_path / "curves.yaml").write_text(text)
+    by_size = simulate.load_curves(tmp_path / "curves.yaml")["c"]
+    per_image = Curve("c", by_size.points, prepare_s=0.5, finish_s=0.3, steps={"standard": 10})
+    trace = [Request(0.0, "standard")] * 4
+    took = {c.prepare_s == 0.5: simulate.simulate(trace, c, policy).makespan_s for c in (by_size, per_image)}
+    assert took[True] == pytest.approx(4 * 0.5 + 10 * 0.1 + 4 * 0.3)
+    finish = lambda n: 0.3 + 0.3 * (n - 1) / 7  # noqa: E731 -- between the sizes measured
+    assert took[False] == pytest.approx(0.8 + 10 * 0.1 + finish(4))
+    # 6 images with a cap of 4: a call of 4, then one of 2
+    assert by_size.service_s(10, n=6, cap=4) == pytest.approx(2 * 1.0 + 0.8 + finish(4) + 0.5 + 0.1 + finish(2))
+
+
 def test_the_command_line_prints_the_numbers_asked_for(capsys):
     simulate.main(["--cost", "1:0.0365,2:0.073,4:0.146", "--prepare-s", "0.01", "--finish-s", "0.012",
                    "--steps", "standard=25,hd=50,low=10", "--mix", "standard=0.5,hd=0.3,low=0.2", "--load", "0.7",
