@@ -227,6 +227,10 @@ def per_image_or_calls(cost) -> float | dict[int, float]:
     return {int(k): float(v) for k, v in cost.items()} if isinstance(cost, dict) else float(cost)
 
 
+def seconds_or_calls(text: str) -> float | dict[int, float]:
+    return parse_pairs(text, int) if ":" in text else float(text)
+
+
 def parse_pairs(text: str, key=str, value=float) -> dict:
     pairs = (item.split(":" if ":" in item else "=") for item in text.split(",") if item)
     return {key(k.strip()): value(v) for k, v in pairs}
@@ -262,8 +266,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--curve", help="a named curve of benchmarks/curves.yaml (default tiny-flux-cpu)")
     parser.add_argument("--cost", help='batch size:seconds per denoiser call, e.g. "1:0.0365,2:0.073,4:0.146"')
-    parser.add_argument("--prepare-s", type=float, help="seconds to prepare one image (text encoding)")
-    parser.add_argument("--finish-s", type=float, help="seconds to finish one image (VAE decode)")
+    parser.add_argument("--prepare-s", type=seconds_or_calls,
+                        help='seconds to prepare one image (text encoding), or images:seconds of one call, '
+                             'e.g. "1:0.01,4:0.02"')
+    parser.add_argument("--finish-s", type=seconds_or_calls, help="seconds to finish one image (VAE decode), likewise")
     parser.add_argument("--steps", help="steps per preset, e.g. standard=28,hd=50,low=12")
     parser.add_argument("--mix", default="standard=1", help="preset shares, e.g. standard=0.5,hd=0.3,low=0.2")
     parser.add_argument("--n", default="1=1", help="images per request shares, e.g. 1=0.8,4=0.2")

@@ -76,11 +76,14 @@ def test_images_prepared_and_decoded_together_cost_one_call_of_their_measured_si
 
 
 def test_the_command_line_prints_the_numbers_asked_for(capsys):
-    simulate.main(["--cost", "1:0.0365,2:0.073,4:0.146", "--prepare-s", "0.01", "--finish-s", "0.012",
-                   "--steps", "standard=25,hd=50,low=10", "--mix", "standard=0.5,hd=0.3,low=0.2", "--load", "0.7",
-                   "--requests", "300", "--policy", "fixed", "--json"])
+    given = ["--cost", "1:0.0365,2:0.073,4:0.146", "--steps", "standard=25,hd=50,low=10",
+             "--mix", "standard=0.5,hd=0.3,low=0.2", "--load", "0.7", "--policy", "fixed", "--json"]
+    simulate.main([*given, "--prepare-s", "0.01", "--finish-s", "0.012", "--requests", "300"])
     import json
 
     out = json.loads(capsys.readouterr().out)
     assert {"p50_s", "p99_s", "mean_s", "images_per_s", "mean_batch", "longest_wait_s"} <= set(out)
     assert out["load"] == pytest.approx(0.7) and out["policy"] == "fixed" and out["requests"] == 300
+    # prepares and decodes by number of images: cheaper calls, more capacity at the same load
+    simulate.main([*given, "--prepare-s", "1:0.01,4:0.01", "--finish-s", "1:0.012,4:0.012", "--requests", "50"])
+    assert json.loads(capsys.readouterr().out)["capacity_rps"] > out["capacity_rps"]
