@@ -15,7 +15,7 @@ memory. The step engine arm (`measure_step_engine`) runs the same pipeline throu
 loop at batch 1/2/4/8 (its cold start is the first step-engine call, weights already built).
 Prints a Markdown table and writes benchmarks/results/full_size-<time>.{md,json}. `--curves`
 instead measures each model's cost curve for the simulator (`measure_curve`: one denoiser step at
-batch 1/2/4/8, prepare and finish per image) into a YAML file in curves.yaml's layout.
+batch 1/2/4/8, and one prepare and one finish call over as many images) into a YAML file in curves.yaml's layout.
 """
 
 from __future__ import annotations

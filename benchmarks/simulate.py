@@ -46,7 +46,7 @@ CAPACITY_CLIENTS = 8
 
 @dataclass(frozen=True)
 class Curve:
-    """A device's cost of one denoiser call by batch size, with per-image prepare/finish."""
+    """A device's cost of one denoiser call by batch size, with prepare/finish per image or per call by size."""
 
     name: str
     points: tuple[tuple[int, float], ...]  # (batch size, seconds per denoiser call)
