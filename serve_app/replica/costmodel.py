@@ -18,13 +18,13 @@ batching saves nothing until it is seen to), and interpolated between measured s
 (`monotone`). A key never measured borrows the per-image cost of the keys that were.
 
 The first sample of every (key, size) is dropped (of prepares and decodes, only the key's
-first: `observe_call`): the first call at a new shape pays for
-allocation, kernel autotuning or compilation (seconds, under torch.compile) and would make
-a size look ruinous forever. A size is `trusted` once it has `TRUSTED_SAMPLES` samples and
-was measured recently (within `STALE_AFTER` of the key's other observations): the cost
-policy probes sizes that are not, so the curve is measured by running it, and re-measured
-when the machine's speed drifts (a noisy neighbour slows batch 1 while batch 2's old figure
-would make sharing look cheap): a stale size's old samples are forgotten.
+first: `observe_call`): the first call at a new shape pays for allocation, kernel autotuning
+or compilation (seconds, under torch.compile) and would make a size look ruinous forever. A
+size is `trusted` once it has `TRUSTED_SAMPLES` samples and was measured recently (within
+`STALE_AFTER` of the key's other observations): the cost policy probes sizes that are not, so
+the curve is measured by running it, and re-measured when the machine's speed drifts (a noisy
+neighbour slows batch 1 while batch 2's old figure would make sharing look cheap): a stale
+size's old samples are forgotten.
 """
 
 from __future__ import annotations

@@ -28,11 +28,10 @@ So, at every step boundary:
    request's slack is what newcomers sharing its steps may spend: one whose prepare and decode
    (the loop runs them between steps; its prepare counted as what it adds to the one prepare
    call over the boundary's newcomers, from the measured cost by number of images) would take
-   more than is left is passed over, so a
-   stream of short requests, each prepared and decoded while it shares the urgent one's
-   steps, cannot push it past its bound. Once the slack is gone (an overloaded replica) the
-   guard lifts: refusing newcomers then would only turn a sublinear device into one that
-   serves one image at a time, and everyone would wait longer.
+   more than is left is passed over, so a stream of short requests, each prepared and decoded
+   while it shares the urgent one's steps, cannot push it past its bound. Once the slack is
+   gone (an overloaded replica) the guard lifts: refusing newcomers then would only turn a
+   sublinear device into one that serves one image at a time, and everyone would wait longer.
 """
 
 from __future__ import annotations
